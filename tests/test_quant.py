@@ -1,0 +1,299 @@
+"""Quantizer numerics, policies, the quantize() transform and QKeras compatibility."""
+
+import io
+import json
+import warnings
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import qkeras  # after tfqkd (conftest), which selects Keras 2
+
+import tfqkd
+from tfqkd._keras import keras, tf
+from tfqkd.errors import TfqkdError
+from tfqkd.quant import (
+    AffineQuantizer,
+    LearnedStepQuantizer,
+    Pof2Quantizer,
+    QActivation,
+    QuantPolicy,
+    QuantSpec,
+    custom_objects,
+    layer_specs,
+    quantize,
+    resolve_policy,
+)
+
+
+def _bound(quantizer, shape=(4,)):
+    """Gives a quantizer its state by building it inside a QActivation layer."""
+    layer = QActivation(quantizer)
+    layer.build((None, *shape))
+    return quantizer
+
+
+def _small_cnn():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(5, name="head_dense")(x)
+    return keras.Model(inputs, outputs)
+
+
+# Quantizer numerics -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,limit", [(4, 16), (8, 256)])
+def test_weight_tensor_holds_at_most_2_to_the_bits_values(bits, limit):
+    values = np.random.default_rng(0).normal(size=4096).astype("float32")
+    for quantizer in (
+        _bound(LearnedStepQuantizer(bits, signed=True)),
+        _bound(AffineQuantizer(bits, signed=True)),
+    ):
+        quantizer.initialize(values)
+        out = quantizer(values).numpy()
+        assert 2 < len(np.unique(out)) <= limit
+
+
+def test_learned_step_hand_picked_values():
+    q = _bound(LearnedStepQuantizer(4, signed=True))  # codes [-8, 7]
+    q.step.assign([0.5])
+    x = np.array([-10.0, -1.26, -0.24, 0.0, 0.26, 0.74, 1.25, 3.4, 99.0], "float32")
+    # x/s = -20, -2.52, -0.48, 0, 0.52, 1.48, 2.5, 6.8, 198 -> round half even, clip [-8, 7]
+    expected = np.array([-8, -3, 0, 0, 1, 1, 2, 7, 7], "float32") * 0.5
+    np.testing.assert_array_equal(q(x).numpy(), expected)
+
+
+def test_activations_are_unsigned_and_narrow_weights_symmetric():
+    act = _bound(LearnedStepQuantizer(4, signed=False))
+    act.step.assign([0.1])
+    out = act(np.array([-3.0, -0.01, 0.3, 2.0], "float32")).numpy()
+    np.testing.assert_allclose(out, [0.0, 0.0, 0.3, 1.5], rtol=1e-6)
+    assert (act.qmin, act.qmax) == (0, 15)
+    weight = LearnedStepQuantizer(4, signed=True, narrow_range=True)
+    assert (weight.qmin, weight.qmax) == (-7, 7)
+    thesis = AffineQuantizer(8, signed=True)
+    assert (thesis.qmin, thesis.qmax) == (-128, 127)
+    assert (AffineQuantizer(4, signed=False).qmin, AffineQuantizer(4, signed=False).qmax) == (0, 15)
+
+
+def test_straight_through_gradient_inside_range_zero_outside():
+    q = _bound(LearnedStepQuantizer(4, signed=False))
+    q.step.assign([0.1])  # range [0, 1.5]
+    x = tf.constant([-0.5, 0.05, 0.77, 1.4, 2.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = q(x)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [0, 1, 1, 1, 0])
+
+    affine = AffineQuantizer(8, signed=True)
+    w = tf.constant([-1.0, 0.2, 1.0])
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        y = affine(w)
+    np.testing.assert_array_equal(tape.gradient(y, w).numpy(), [1, 1, 1])
+
+
+def test_learned_step_receives_lsq_gradient():
+    q = _bound(LearnedStepQuantizer(4, signed=True, narrow_range=True), shape=(3,))
+    q.step.assign([0.5])
+    x = tf.constant([0.6, 10.0, -10.0])  # inside, above, below
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(q(x))
+    grad = tape.gradient(y, q.step).numpy()[0]
+    # d/ds: inside round(v/s) - v/s = 1 - 1.2; above Q_P = 7; below -Q_N = -7; scaled by 1/sqrt(N*Q_P).
+    expected = ((1 - 1.2) + 7 - 7) / np.sqrt(3 * 7)
+    assert grad != 0
+    np.testing.assert_allclose(grad, expected, rtol=1e-5)
+
+
+def test_affine_scale_and_zero_point_match_thesis_formula():
+    q = AffineQuantizer(8, signed=False)
+    scale, zero_point = q.scale_and_zero_point(tf.constant(-1.0), tf.constant(3.0))
+    # s = (beta - alpha) / (b_q - a_q) = 4 / 255; z = round((beta*a_q - alpha*b_q)/(beta - alpha)) = round(255/4)
+    np.testing.assert_allclose(scale.numpy(), 4 / 255, rtol=1e-6)
+    assert zero_point.numpy() == round(255 / 4)
+
+
+def test_affine_running_minmax_updates_only_in_training():
+    q = _bound(AffineQuantizer(8, signed=False, running=True))
+    q.initialize(np.array([0.0, 1.0]))
+    q(tf.constant([0.0, 5.0]), training=False)
+    assert q.variable("max").numpy()[0] == pytest.approx(1.0)
+    q(tf.constant([0.0, 5.0]), training=True)
+    assert q.variable("max").numpy()[0] == pytest.approx(1.0 + 0.01 * 4.0)
+
+
+def test_dpu_rounding_weights_half_even_activations_half_up():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5], "float32") / 4  # at pos 2 these are exact halves
+    weights = Pof2Quantizer(8, rounding="even")
+    acts = _bound(Pof2Quantizer(8, rounding="half_up", running=True), shape=(5,))
+    acts.variable("absmax").assign([31.0])  # pos = floor(log2(127/31)) = 2
+    weights_out = weights(tf.constant(np.append(x, 31.0).astype("float32"))).numpy()[:5] * 4
+    np.testing.assert_array_equal(weights_out, [0, 2, 2, -0, -2])
+    np.testing.assert_array_equal(acts(x).numpy() * 4, [1, 2, 3, 0, -1])
+
+
+def test_dpu_position_is_power_of_two_scale():
+    q = Pof2Quantizer(8)
+    assert q.position_for(1.0).numpy() == 6  # 1 * 2**6 = 64 <= 127 < 128
+    assert q.position_for(0.2).numpy() == 9
+
+
+# Policies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [0, 17, -1, 2.5, "8"])
+def test_bits_out_of_range_rejected(bits):
+    with pytest.raises(TfqkdError, match="bits"):
+        QuantSpec(weight_bits=bits)
+    with pytest.raises(TfqkdError, match="bits"):
+        QuantPolicy.from_dict({"default": {"activation_bits": bits}})
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ([1, 2], "mapping"),
+        ({"defualt": {}}, "unknown key"),
+        ({"default": {"weight_bit": 4}}, "unknown key"),
+        ({"rules": [{"weight_bits": 4}]}, "match"),
+        ({"rules": [{"match": "re:(", "weight_bits": 4}]}, "regex"),
+        ({"rules": [{"layer_type": "BatchNormalization"}]}, "not quantizable"),
+        ({"default": {"kind": "fancy"}}, "kind"),
+        ({"rules": "conv*"}, "list"),
+    ],
+)
+def test_malformed_policy_names_the_problem(data, match):
+    with pytest.raises(TfqkdError, match=match):
+        QuantPolicy.from_dict(data)
+
+
+def test_policy_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default: {weight_bits: 4\n")
+    with pytest.raises(TfqkdError, match="not valid YAML"):
+        resolve_policy(str(bad))
+    with pytest.raises(TfqkdError, match="not found"):
+        resolve_policy(str(tmp_path / "missing.yaml"))
+    with pytest.raises(TfqkdError, match="unknown quantization policy"):
+        resolve_policy("w3a3")
+
+
+def test_policy_rules_glob_regex_type_and_first_last():
+    policy = QuantPolicy.from_dict(
+        {
+            "default": {"weight_bits": 4, "activation_bits": 4},
+            "first_last_bits": 8,
+            "rules": [{"match": "re:d.", "weight_bits": 2}, {"layer_type": "Dense", "weight_bits": 6}],
+        }
+    )
+    layers = [("stem_conv", "Conv2D"), ("bn", "BatchNormalization"), ("dw", "DepthwiseConv2D"), ("dx", "Dense")]
+    specs = policy.resolve(layers + [("head_dense", "Dense")])
+    assert specs["stem_conv"] == QuantSpec(8, 8)
+    assert specs["dw"].weight_bits == 2 and specs["dw"].activation_bits == 4
+    assert specs["dx"].weight_bits == 2  # first matching rule wins
+    assert specs["head_dense"] == QuantSpec(8, 8)  # last layer, the Dense rule then first/last override
+    assert "bn" not in specs
+
+
+def test_unmatched_rule_warns():
+    policy = QuantPolicy.from_dict({"rules": [{"match": "nothing_*", "weight_bits": 4}]})
+    with pytest.warns(UserWarning, match="matches no layer"):
+        policy.resolve([("conv", "Conv2D")])
+
+
+def test_policy_yaml_round_trip(tmp_path):
+    policy = resolve_policy("w4a8")
+    path = tmp_path / "p.yaml"
+    policy.to_yaml(path)
+    assert resolve_policy(str(path)).default == policy.default
+
+
+# quantize() ---------------------------------------------------------------------------------
+
+
+def test_quantize_carries_float_weights_and_inits_intervals():
+    model = _small_cnn()
+    data = np.random.default_rng(1).random((32, 8, 8, 3)).astype("float32")
+    qmodel = quantize(model, "w8a8", data)
+    np.testing.assert_array_equal(qmodel.get_layer("stem_conv").kernel.numpy(), model.get_layer("stem_conv").kernel.numpy())
+    step = qmodel.get_layer("stem_conv").kernel_quantizer_internal.step.numpy()[0]
+    assert step == pytest.approx(np.abs(model.get_layer("stem_conv").kernel.numpy()).max() / 127, rel=1e-6)
+    # Input interval from the min-max of one batch; the image input in [0, 1] is unsigned.
+    qin = qmodel.get_layer("stem_conv_qin").quantizer
+    assert not qin.signed
+    assert qin.step.numpy()[0] == pytest.approx(data.max() / 255, rel=1e-5)
+    # 8-bit fake quantization stays close to the float model.
+    ref, out = model(data).numpy(), qmodel(data).numpy()
+    assert np.abs(ref - out).max() < 0.05 * np.abs(ref).max() + 1e-3
+    assert all(type(qmodel.get_layer(n)).__name__.startswith("Q") for n in ("stem_conv", "dw", "head_dense"))
+    assert isinstance(qmodel.get_layer("stem_conv"), qkeras.QConv2D)
+
+
+def test_quantize_without_data_uses_structure_for_sign():
+    qmodel = quantize(_small_cnn(), "w4a4")
+    assert qmodel.get_layer("stem_conv_qin").quantizer.signed  # raw input: unknown sign
+    assert not qmodel.get_layer("dw_qin").quantizer.signed  # after ReLU
+    assert not qmodel.get_layer("head_dense_qin").quantizer.signed  # ReLU -> GAP
+
+
+def test_fp32_policy_is_identity_copy():
+    model = _small_cnn()
+    copy = quantize(model, "fp32")
+    data = np.ones((2, 8, 8, 3), "float32")
+    np.testing.assert_array_equal(copy(data).numpy(), model(data).numpy())
+    assert not tfqkd.quant.is_quantized(copy)
+
+
+def test_quantized_model_saves_and_loads(tmp_path):
+    data = np.random.default_rng(2).random((8, 8, 8, 3)).astype("float32")
+    qmodel = quantize(_small_cnn(), "w4a4", data)
+    qmodel.get_layer("dw").depthwise_quantizer_internal.step.assign([0.0123])
+    expected = qmodel(data).numpy()
+    for name in ("m.h5", "m.keras"):
+        qmodel.save(tmp_path / name)
+        loaded = keras.models.load_model(tmp_path / name, custom_objects=custom_objects(), compile=False)
+        np.testing.assert_array_equal(loaded(data).numpy(), expected)
+        assert loaded.get_layer("dw").depthwise_quantizer_internal.step.numpy()[0] == pytest.approx(0.0123)
+        assert layer_specs(loaded) == layer_specs(qmodel)
+    config = json.loads(json.dumps(qmodel.get_config()))
+    clone = keras.Model.from_config(config, custom_objects=custom_objects())
+    clone.set_weights(qmodel.get_weights())
+    np.testing.assert_array_equal(clone(data).numpy(), expected)
+
+
+def test_policy_serializes_with_model():
+    qmodel = quantize(_small_cnn(), {"default": {"weight_bits": 4, "activation_bits": 4}, "first_last_bits": 8})
+    policy = QuantPolicy.from_model(qmodel)
+    specs = policy.resolve([(layer.name, "Conv2D") for layer in qmodel.layers if layer.name in layer_specs(qmodel)])
+    assert specs["stem_conv"].weight_bits == 8 and specs["dw"].weight_bits == 4 and specs["head_dense"].weight_bits == 8
+
+
+def test_print_qstats_shows_mixed_policy_bits():
+    qmodel = quantize(_small_cnn(), {"default": {"weight_bits": 4, "activation_bits": 4}, "first_last_bits": 8})
+    buffer = io.StringIO()
+    with redirect_stdout(buffer), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qkeras.print_qstats(qmodel)
+    text = buffer.getvalue()
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines() if "-bit unit" in line}
+    assert "(8-bit unit)" in lines["stem_conv_weights"]
+    assert "(4-bit unit)" in lines["dw_weights"]
+    assert "(8-bit unit)" in lines["head_dense_weights"]
+    assert "smult_8_8" in text and "smult_4_4" in text
+
+
+def test_quantized_layers_train_steps():
+    data = np.random.default_rng(3).random((16, 8, 8, 3)).astype("float32")
+    labels = np.arange(16) % 5
+    qmodel = quantize(_small_cnn(), "w4a4", data)
+    before = qmodel.get_layer("dw_qin").quantizer.step.numpy().copy()
+    qmodel.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qmodel.fit(data, labels, epochs=2, batch_size=8, verbose=0)
+    assert qmodel.get_layer("dw_qin").quantizer.step.numpy()[0] != before[0]

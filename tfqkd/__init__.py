@@ -1,0 +1,36 @@
+"""tfqkd: Quantization-Aware Knowledge Distillation with QKeras, to TFLite int8 and the Xilinx DPU.
+
+Typical use (SPEC; thesis Algorithm 1)::
+
+    import tfqkd
+    student = tfqkd.create_model("densenet21", num_classes=10, quant="w4a4")
+    qkd = tfqkd.QKD(student, teacher, phase="cs", alpha=0.7, temperature=8)
+"""
+
+# Must come first: selects Keras 2 before anything imports TensorFlow.
+from tfqkd import _keras  # noqa: F401  isort: skip
+
+from tfqkd.distill import QKD, kd_loss, precompute_teacher_logits
+from tfqkd.errors import TfqkdError
+from tfqkd.io import load_model
+from tfqkd.models import create_model, list_models, register_model
+from tfqkd.quant import QuantPolicy, custom_objects, quantize
+from tfqkd.training import WarmupMultiStep, make_sgd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QKD",
+    "QuantPolicy",
+    "TfqkdError",
+    "WarmupMultiStep",
+    "create_model",
+    "custom_objects",
+    "kd_loss",
+    "list_models",
+    "load_model",
+    "make_sgd",
+    "precompute_teacher_logits",
+    "quantize",
+    "register_model",
+]

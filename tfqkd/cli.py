@@ -1,0 +1,98 @@
+"""The ``tfqkd`` command line: ``tfqkd models``, ``tfqkd train RECIPE ...``.
+
+Errors caused by the user (unknown model, bad bits, malformed recipe or
+policy, unreadable file) print one line ``tfqkd: error: ...`` on stderr and
+exit with code 2, without a traceback.
+"""
+
+import argparse
+import sys
+
+__all__ = ["ArgumentParser", "main", "run_cli"]
+
+RECIPES = ("qkd", "baseline", "kd", "ptq", "qat")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_cli(fn, prog="tfqkd"):
+    """Runs ``fn()`` turning user errors into one line and exit code 2.
+
+    Args:
+      fn: zero-argument callable doing the work; returns an exit code or None.
+      prog: program name for the error prefix.
+
+    Returns:
+      the process exit code.
+    """
+    from tfqkd.errors import TfqkdError
+
+    try:
+        return fn() or 0
+    except TfqkdError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_models(args):
+    from tfqkd.models import model_table
+
+    rows = model_table(family=args.family) if args.family else model_table()
+    print(f"{'model':<20} {'family':<12} {'input':<14} {'params':>12} {'MACs':>15}")
+    for row in rows:
+        shape = "x".join(str(d) for d in row.input_shape)
+        print(f"{row.name:<20} {row.family:<12} {shape:<14} {row.params:>12,} {row.macs:>15,}")
+    return 0
+
+
+def _cmd_train(args):
+    import importlib
+
+    module = importlib.import_module(f"tfqkd.recipes.{args.recipe}")
+    return module.main(args.recipe_args)
+
+
+def build_parser():
+    parser = ArgumentParser(prog="tfqkd", description="Quantization-aware knowledge distillation with QKeras.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    models = sub.add_parser("models", help="list the model zoo with parameters and multiply-accumulates")
+    models.add_argument("--family", help="only this family (densenet, mlp, mlperf_tiny, mobilenet)")
+    models.set_defaults(func=_cmd_models)
+
+    train = sub.add_parser("train", help="run a training recipe (same as python -m tfqkd.recipes.RECIPE)")
+    train.add_argument("recipe", choices=RECIPES)
+    train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="arguments of the recipe (see --help of it)")
+    train.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``tfqkd`` console script.
+
+    Args:
+      argv: arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+      exit code (0 success, 2 user error).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "models" and args.family:
+        from tfqkd.models import list_models
+
+        if not list_models(family=args.family):
+            parser.error(f"unknown model family {args.family!r}")
+    return run_cli(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

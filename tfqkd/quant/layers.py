@@ -1,0 +1,130 @@
+"""QKeras layers whose quantizers keep their state in Keras weights.
+
+These subclass QKeras' ``QConv2D``, ``QDepthwiseConv2D``, ``QDense`` and
+``QActivation`` and keep their class names, so they *are* QKeras layers to
+``isinstance`` checks, ``print_qstats``, QTools and hls4ml. They add three
+things QKeras 0.9 lacks for trainable quantizers:
+
+* ``build`` creates each tfqkd quantizer's state (learned steps, running
+  ranges, DPU positions) with ``add_weight``, so it is trained, saved in .h5 /
+  .keras files, restored and mirrored by tf.distribute like any weight;
+* ``QActivation`` passes ``training`` to its quantizer (running statistics
+  update only while training) and serializes the quantizer object;
+* the float weights are left unconstrained: QKeras would otherwise clip
+  kernels to ``[-1, 1]`` and re-scale initializers, which changes the float
+  model being quantized.
+"""
+
+import qkeras
+
+from tfqkd._keras import keras
+from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
+
+__all__ = ["QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "quantized_layer_classes"]
+
+
+def _resolve_quantizers(kwargs, keys=("kernel_quantizer", "bias_quantizer", "depthwise_quantizer")):
+    """Deserializes tfqkd quantizers before QKeras sees them (it only knows its own)."""
+    for key in keys:
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = get_quantizer(kwargs[key])
+    return kwargs
+
+
+def _build_quantizer(layer, quantizer, role, shape):
+    if isinstance(quantizer, TfqkdQuantizer):
+        quantizer.build_variables(layer, role, shape)
+
+
+class _WeightQuantizedMixin:
+    """Shared by the conv and dense layers: build state, drop QKeras' clipping."""
+
+    #: (attribute holding the weight quantizer, name of the weight, role).
+    _weight_roles = (("kernel_quantizer_internal", "kernel", "kernel"),)
+
+    def _restore_float_behaviour(self, kernel_initializer, kernel_constraint, bias_constraint):
+        init_attr = "depthwise_initializer" if hasattr(self, "depthwise_initializer") else "kernel_initializer"
+        constraint_attr = "depthwise_constraint" if hasattr(self, "depthwise_constraint") else "kernel_constraint"
+        setattr(self, init_attr, keras.initializers.get(kernel_initializer))
+        setattr(self, constraint_attr, keras.constraints.get(kernel_constraint))
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
+    def set_weights(self, weights):
+        """Like Keras' ``set_weights``, but a list of only the float weights
+        (kernel, bias) keeps the quantizer state: QKeras' tools
+        (``model_save_quantized_weights``, used by ``print_qstats``) pass that."""
+        current = self.get_weights()
+        if len(weights) < len(current):
+            weights = list(weights) + current[len(weights) :]
+        super().set_weights(weights)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        for attr, weight, role in self._weight_roles:
+            _build_quantizer(self, getattr(self, attr), role, getattr(self, weight).shape)
+        if self.use_bias:
+            _build_quantizer(self, self.bias_quantizer_internal, "bias", self.bias.shape)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="QConv2D")
+class QConv2D(_WeightQuantizedMixin, qkeras.QConv2D):
+    """``qkeras.QConv2D`` with tfqkd quantizer state (see module docstring)."""
+
+    def __init__(self, *args, kernel_initializer="he_normal", kernel_constraint=None, bias_constraint=None, **kwargs):
+        super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
+        self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="QDepthwiseConv2D")
+class QDepthwiseConv2D(_WeightQuantizedMixin, qkeras.QDepthwiseConv2D):
+    """``qkeras.QDepthwiseConv2D`` with tfqkd quantizer state."""
+
+    _weight_roles = (("depthwise_quantizer_internal", "depthwise_kernel", "depthwise"),)
+
+    def __init__(self, *args, depthwise_initializer="he_normal", depthwise_constraint=None, bias_constraint=None, **kwargs):
+        super().__init__(*args, depthwise_initializer=depthwise_initializer, **_resolve_quantizers(kwargs))
+        self._restore_float_behaviour(depthwise_initializer, depthwise_constraint, bias_constraint)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="QDense")
+class QDense(_WeightQuantizedMixin, qkeras.QDense):
+    """``qkeras.QDense`` with tfqkd quantizer state."""
+
+    def __init__(self, *args, kernel_initializer="he_normal", kernel_constraint=None, bias_constraint=None, **kwargs):
+        super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
+        self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="QActivation")
+class QActivation(qkeras.QActivation):
+    """``qkeras.QActivation`` that serializes quantizer objects and passes ``training``.
+
+    Args:
+      activation: a quantizer object, its serialized dict, or a QKeras string
+        such as ``"quantized_relu(4)"``.
+    """
+
+    def __init__(self, activation, **kwargs):
+        if isinstance(activation, dict):
+            activation = get_quantizer(activation)
+        super().__init__(activation, **kwargs)
+
+    def build(self, input_shape):
+        _build_quantizer(self, self.quantizer, "input", tuple(input_shape)[1:])
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        if isinstance(self.quantizer, TfqkdQuantizer):
+            return self.quantizer(inputs, training=training)
+        return self.quantizer(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        if not isinstance(self.activation, str):
+            config["activation"] = keras.utils.serialize_keras_object(self.quantizer)
+        return config
+
+
+def quantized_layer_classes():
+    """Maps QKeras class names to the tfqkd subclasses (for deserialization)."""
+    return {cls.__name__: cls for cls in (QConv2D, QDepthwiseConv2D, QDense, QActivation)}

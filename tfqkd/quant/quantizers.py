@@ -1,0 +1,417 @@
+"""Fake-quantizers for weights and activations, usable inside QKeras layers.
+
+Three schemes (SPEC section 4), all with a straight-through estimator (STE):
+
+* :class:`LearnedStepQuantizer` -- the QKD scheme (Kim et al. 2019, "QKD:
+  Quantization-aware Knowledge Distillation"): a trainable quantization
+  interval per tensor, implemented as the LSQ learned step (Esser et al. 2020,
+  "Learned Step Size Quantization"): ``v_hat = s * round(clip(v/s, -Q_N, Q_P))``
+  with ``d v_hat / d s = round(v/s) - v/s`` inside the range and ``-Q_N`` /
+  ``Q_P`` outside, gradient scaled by ``1/sqrt(N * Q_P)``.
+* :class:`AffineQuantizer` -- the thesis scheme (section 5.1.9): uniform
+  affine quantization with scale and zero point from the (running-average)
+  minimum and maximum of each tensor.
+* :class:`Pof2Quantizer` -- the Xilinx DPU scheme (Vitis-AI ``pof2s``): 8-bit
+  signed, symmetric, per tensor, scale ``2**-pos``; weights round half to
+  even, activations half up.
+
+The quantizers subclass QKeras' ``quantized_bits`` / ``quantized_relu`` so
+that QKeras' tools (``print_qstats``, QTools), which recognise quantizers by
+class name, read their bit widths. Their state (steps, ranges, positions)
+lives in Keras weights created by the owning layer (see
+:mod:`tfqkd.quant.layers`), so it is trained, checkpointed, saved in .h5 and
+.keras files and mirrored by ``tf.distribute`` like any other weight.
+"""
+
+import math
+
+import numpy as np
+import qkeras
+
+from tfqkd._keras import keras, tf
+from tfqkd.errors import TfqkdError
+
+__all__ = [
+    "AffineQuantizer",
+    "LearnedStepQuantizer",
+    "Pof2Quantizer",
+    "TfqkdQuantizer",
+    "get_quantizer",
+    "round_half_up",
+    "validate_bits",
+]
+
+# Running-average constant of the thesis's activation observers (PyTorch's
+# MovingAverageMinMaxObserver default).
+_EMA_MOMENTUM = 0.01
+# Activation range assumed when no calibration data is given (BN-ReLU outputs).
+_DEFAULT_ACTIVATION_RANGE = 4.0
+
+
+def validate_bits(bits, what="bits", low=1, high=16):
+    """Checks a bit width and returns it as int.
+
+    Args:
+      bits: the requested bit width.
+      what: name used in the error message.
+      low, high: inclusive allowed range.
+
+    Returns:
+      ``int(bits)``.
+
+    Raises:
+      TfqkdError: when ``bits`` is not an integer in ``[low, high]``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not low <= bits <= high:
+        raise TfqkdError(f"{what} must be an integer in [{low}, {high}], got {bits!r}")
+    return int(bits)
+
+
+def round_ste(x):
+    """Round half to even in the forward pass, identity gradient (STE)."""
+    return x + tf.stop_gradient(tf.round(x) - x)
+
+
+def round_half_up(x):
+    """``floor(x + 0.5)``: the DPU's rounding for activations."""
+    return tf.floor(x + 0.5)
+
+
+def _round_half_up_ste(x):
+    return x + tf.stop_gradient(round_half_up(x) - x)
+
+
+def _grad_scale(x, scale):
+    """Forward: ``x``; backward: gradient multiplied by ``scale`` (LSQ)."""
+    return tf.stop_gradient(x - x * scale) + x * scale
+
+
+class TfqkdQuantizer:
+    """Mixin holding what all tfqkd quantizers share.
+
+    Subclasses define ``variable_specs()`` (the state they need), ``__call__``
+    and ``initialize(values)``. The owning layer calls
+    :meth:`build_variables` from its ``build`` so the state is a layer weight.
+    """
+
+    #: Role-independent identifier used in policies ("lsq", "affine", "pof2").
+    kind = None
+
+    def _init_common(self, bits, signed, narrow_range):
+        qkeras.quantizers.BaseQuantizer.__init__(self)
+        self.bits = validate_bits(bits, "bits")
+        self.signed = bool(signed)
+        self.keep_negative = self.signed  # read by QKeras' tools
+        self.integer = 0  # read by QKeras' tools (no integer bits: scaled fraction)
+        self.narrow_range = bool(narrow_range)
+        self._vars = {}
+
+    # Integer code range --------------------------------------------------
+    @property
+    def qmin(self):
+        """Smallest integer code (``-Q_N``)."""
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self):
+        """Largest integer code (``Q_P``)."""
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    # State -----------------------------------------------------------------
+    def build_variables(self, layer, role, shape):
+        """Creates this quantizer's state as weights of ``layer``.
+
+        Args:
+          layer: the Keras layer owning the quantizer.
+          role: "kernel", "depthwise", "bias" or "input"; prefixes weight names.
+          shape: shape of the tensor this quantizer will see (for LSQ's
+            gradient scale); the batch dimension may be None.
+        """
+        self._numel = int(np.prod([d for d in shape if d is not None])) or 1
+        for name, (initial, trainable) in self.variable_specs().items():
+            kwargs = {}
+            if not trainable:
+                # Statistics updated in the forward pass: each replica keeps its
+                # own copy and reads average them, as Keras' BatchNormalization does.
+                kwargs = dict(
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.MEAN,
+                )
+            # Shape (1,), not (): QKeras' tools read a layer's second weight as
+            # its bias and take len(shape[0]) of it.
+            self._vars[name] = layer.add_weight(
+                name=f"{role}_{name}",
+                shape=(1,),
+                initializer=keras.initializers.Constant(initial),
+                trainable=trainable,
+                **kwargs,
+            )
+
+    def variable(self, name):
+        """The layer weight backing state ``name`` (shape (1,))."""
+        try:
+            return self._vars[name]
+        except KeyError:
+            raise TfqkdError(
+                f"{type(self).__qualname__} has no state '{name}': tfqkd quantizers must be used inside "
+                "tfqkd.quant layers (QConv2D, QDense, QDepthwiseConv2D, QActivation)"
+            ) from None
+
+    # QKeras compatibility ----------------------------------------------------
+    def _set_trainable_parameter(self):
+        """QKeras calls this to switch ``alpha`` to auto mode; we have no alpha."""
+
+    def __str__(self):
+        flags = "" if self.signed else ",unsigned"
+        return f"{self.kind}({self.bits}{flags})"
+
+    def get_config(self):
+        return {"bits": self.bits, "signed": self.signed, "narrow_range": self.narrow_range}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
+class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
+    """QKD trainable interval as an LSQ learned step (Kim et al. 2019; Esser et al. 2020).
+
+    ``v_hat = s * round(clip(v / s, qmin, qmax))``. The step ``s`` is a trainable
+    weight of the owning layer, initialised by :meth:`initialize` from the
+    min-max of the weights or of one batch of activations (QKD Algorithm 1,
+    line 2) or, with ``init="lsq"``, as ``2 * mean|v| / sqrt(Q_P)``.
+
+    Args:
+      bits: bit width, 1-16.
+      signed: signed codes (weights, inputs that can be negative) or unsigned
+        (post-ReLU activations).
+      narrow_range: drop the most negative code (``[-7, 7]`` at 4 bits) so the
+        codes are the symmetric int8 weights TFLite expects.
+      initial_step: step used until :meth:`initialize` is called.
+    """
+
+    kind = "lsq"
+
+    def __init__(self, bits=8, signed=True, narrow_range=False, initial_step=None):
+        self._init_common(bits, signed, narrow_range)
+        if initial_step is None:
+            initial_step = _DEFAULT_ACTIVATION_RANGE / self.qmax
+        self.initial_step = float(initial_step)
+
+    def variable_specs(self):
+        return {"step": (self.initial_step, True)}
+
+    @property
+    def step(self):
+        """The learned step (a tf.Variable of shape (1,))."""
+        return self.variable("step")
+
+    def scale(self):
+        return self.step
+
+    def max(self):
+        return float(self.qmax * self.initial_step)
+
+    def min(self):
+        return float(self.qmin * self.initial_step)
+
+    def __call__(self, x, training=None):
+        x = tf.convert_to_tensor(x)
+        step = tf.cast(self.step[0], x.dtype)
+        grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
+        # Keep the step positive even if an update overshoots.
+        step = tf.maximum(_grad_scale(step, grad_scale), 1e-8)
+        codes = tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))
+        return round_ste(codes) * step
+
+    def initialize(self, values, method="minmax"):
+        """Sets the step from sample values.
+
+        Args:
+          values: array of the tensor's values (weights, or one batch of activations).
+          method: "minmax" (QKD: the interval spans the observed range) or "lsq"
+            (``2 * mean|v| / sqrt(Q_P)``).
+        """
+        values = np.asarray(values, dtype=np.float64)
+        if method == "minmax":
+            if self.signed:
+                extent = max(abs(values.max()), abs(values.min()))
+                step = extent / self.qmax
+            else:
+                step = max(values.max(), 0.0) / self.qmax
+        elif method == "lsq":
+            step = 2.0 * np.abs(values).mean() / math.sqrt(self.qmax)
+        else:
+            raise TfqkdError(f"unknown step initialisation '{method}' (use 'minmax' or 'lsq')")
+        self.step.assign([float(step) if step > 0 else self.initial_step])
+
+    def get_config(self):
+        return {**super().get_config(), "initial_step": self.initial_step}
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="AffineQuantizer")
+class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
+    """The thesis's uniform affine quantizer (section 5.1.9).
+
+    ``x_q = clip(round(x/s + z), a_q, b_q)``, ``s = (beta - alpha)/(b_q - a_q)``,
+    ``z = round((beta*a_q - alpha*b_q)/(beta - alpha))``; symmetric mode uses
+    ``z = 0`` and ``r = max(|alpha|, |beta|)``. Activations track ``alpha`` and
+    ``beta`` as running averages of each batch's min and max during training
+    (``running=True``); weights use the tensor's current min and max. The
+    range always contains zero, so zero is exactly representable.
+
+    Args:
+      bits: bit width, 1-16. Signed codes are ``[-2**(b-1), 2**(b-1)-1]``
+        (``[-128, 127]``, ``[-8, 7]``), unsigned ``[0, 2**b - 1]``.
+      signed: signed (weights) or unsigned (activations) codes.
+      symmetric: zero point fixed at 0.
+      running: keep a running average of min/max (activations).
+      narrow_range: drop the most negative signed code.
+    """
+
+    kind = "affine"
+
+    def __init__(self, bits=8, signed=True, symmetric=False, running=False, narrow_range=False):
+        self._init_common(bits, signed, narrow_range)
+        self.symmetric = bool(symmetric)
+        self.running = bool(running)
+
+    def variable_specs(self):
+        if not self.running:
+            return {}
+        return {"min": (0.0, False), "max": (_DEFAULT_ACTIVATION_RANGE, False)}
+
+    def _range(self, x, training):
+        if not self.running:
+            return tf.reduce_min(x), tf.reduce_max(x)
+        lo, hi = self.variable("min"), self.variable("max")
+        if training:
+            batch_lo, batch_hi = tf.reduce_min(x), tf.reduce_max(x)
+            lo.assign(lo + _EMA_MOMENTUM * (tf.cast(batch_lo, lo.dtype) - lo))
+            hi.assign(hi + _EMA_MOMENTUM * (tf.cast(batch_hi, hi.dtype) - hi))
+        return tf.cast(lo[0], x.dtype), tf.cast(hi[0], x.dtype)
+
+    def scale_and_zero_point(self, lo, hi):
+        """Scale and zero point for the range [lo, hi] (tensors)."""
+        lo, hi = tf.minimum(lo, 0.0), tf.maximum(hi, 0.0)
+        qmin, qmax = float(self.qmin), float(self.qmax)
+        if self.symmetric:
+            r = tf.maximum(-lo, hi)
+            scale = tf.maximum(2.0 * r / (qmax - qmin) if self.signed else r / qmax, 1e-12)
+            return scale, tf.zeros_like(scale)
+        scale = tf.maximum((hi - lo) / (qmax - qmin), 1e-12)
+        zero_point = tf.clip_by_value(tf.round(qmin - lo / scale), qmin, qmax)
+        return scale, zero_point
+
+    def __call__(self, x, training=None):
+        x = tf.convert_to_tensor(x)
+        lo, hi = self._range(x, training)
+        scale, zero_point = self.scale_and_zero_point(lo, hi)
+        scale, zero_point = tf.stop_gradient(scale), tf.stop_gradient(zero_point)
+        codes = tf.clip_by_value(round_ste(x / scale) + zero_point, float(self.qmin), float(self.qmax))
+        # The STE passes gradients only where x is inside the representable range.
+        return (codes - zero_point) * scale
+
+    def initialize(self, values, method="minmax"):
+        """Seeds the running min/max from sample values (no-op for weights)."""
+        if self.running:
+            values = np.asarray(values)
+            self.variable("min").assign([float(values.min())])
+            self.variable("max").assign([float(values.max())])
+
+    def get_config(self):
+        return {**super().get_config(), "symmetric": self.symmetric, "running": self.running}
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="Pof2Quantizer")
+class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
+    """The Xilinx DPU's power-of-two quantizer (Vitis-AI ``pof2s``).
+
+    ``q = clip(round(x * 2**pos), -128, 127)``, ``x_hat = q * 2**-pos``. Weights
+    and biases round half to even (``rounding="even"``), activations and
+    inputs half up (``rounding="half_up"``, ``floor(x + 0.5)``). The position
+    of a weight tensor follows its current maximum magnitude; an activation's
+    position follows a running average of its batch maxima and is stored as
+    the layer weight ``<role>_pos`` that the DPU exporter writes out.
+
+    Args:
+      bits: bit width (the DPU uses 8).
+      rounding: "even" or "half_up".
+      running: keep a running maximum for the position (activations).
+    """
+
+    kind = "pof2"
+
+    def __init__(self, bits=8, signed=True, narrow_range=False, rounding="even", running=False):
+        if rounding not in ("even", "half_up"):
+            raise TfqkdError(f"rounding must be 'even' or 'half_up', got {rounding!r}")
+        self._init_common(bits, True, narrow_range)
+        self.rounding = rounding
+        self.running = bool(running)
+
+    def variable_specs(self):
+        if not self.running:
+            return {}
+        return {"absmax": (_DEFAULT_ACTIVATION_RANGE, False)}
+
+    def position_for(self, absmax):
+        """Largest ``pos`` with ``absmax * 2**pos <= qmax`` (tensor)."""
+        absmax = tf.maximum(tf.cast(absmax, tf.float32), 1e-12)
+        return tf.floor(tf.math.log(self.qmax / absmax) / math.log(2.0))
+
+    def _absmax(self, x, training):
+        if not self.running:
+            return tf.reduce_max(tf.abs(x))
+        absmax = self.variable("absmax")
+        if training:
+            batch = tf.cast(tf.reduce_max(tf.abs(x)), absmax.dtype)
+            absmax.assign(absmax + _EMA_MOMENTUM * (batch - absmax))
+        return absmax[0]
+
+    def __call__(self, x, training=None):
+        x = tf.convert_to_tensor(x)
+        pos = tf.stop_gradient(tf.cast(self.position_for(self._absmax(x, training)), x.dtype))
+        scaled = x * tf.pow(2.0, pos)
+        rounded = round_ste(scaled) if self.rounding == "even" else _round_half_up_ste(scaled)
+        return tf.clip_by_value(rounded, float(self.qmin), float(self.qmax)) * tf.pow(2.0, -pos)
+
+    def initialize(self, values, method="minmax"):
+        """Seeds the running maximum from sample values (no-op for weights)."""
+        if self.running:
+            self.variable("absmax").assign([float(np.abs(np.asarray(values)).max())])
+
+    def get_config(self):
+        return {**super().get_config(), "rounding": self.rounding, "running": self.running}
+
+
+_REGISTRY = {
+    keras.saving.get_registered_name(cls): cls for cls in (LearnedStepQuantizer, AffineQuantizer, Pof2Quantizer)
+}
+
+# QKeras' print_qstats and QTools identify quantizers by class name. Our
+# quantizers compute what quantized_bits computes with a (learned or
+# calibrated) scale, so they present that name to those tools. Serialized
+# configs keep the registered name ("tfqkd>LearnedStepQuantizer"), which
+# get_quantizer() below resolves; the tfqkd layers call it before QKeras does.
+for _cls in _REGISTRY.values():
+    _cls.__name__ = "quantized_bits"
+
+
+def get_quantizer(identifier):
+    """Deserializes a quantizer: tfqkd's by registered name, anything else via QKeras.
+
+    Args:
+      identifier: a quantizer object, a serialized dict, a QKeras string such
+        as ``"quantized_bits(4,0,1)"``, or None.
+
+    Returns:
+      the quantizer object (or None).
+    """
+    if isinstance(identifier, dict):
+        cls = _REGISTRY.get(identifier.get("registered_name")) or _REGISTRY.get(identifier.get("class_name"))
+        if cls is not None:
+            return cls.from_config(dict(identifier.get("config") or {}))
+    return qkeras.quantizers.get_quantizer(identifier)

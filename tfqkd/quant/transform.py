@@ -1,0 +1,299 @@
+"""``quantize(float_model, policy)``: the quantized QKeras twin of a float model.
+
+QKD Algorithm 1, line 2 (Kim et al. 2019; thesis section 3.6): the low-bit
+student starts from its float weights, and the quantization intervals start
+from the min-max of the weights and of one batch of activations.
+
+The twin is built by rewriting the functional model's config: every
+``Conv2D`` / ``DepthwiseConv2D`` / ``Dense`` the policy selects becomes its
+QKeras counterpart with weight (and bias) quantizers, and a ``QActivation``
+named ``<layer>_qin`` is inserted in front of it to quantize its input (the
+activation interval I_X). Everything else (BatchNormalization, pooling,
+concatenation) is copied unchanged, weights included.
+"""
+
+import copy
+
+import numpy as np
+
+from tfqkd._keras import keras, tf
+from tfqkd.errors import TfqkdError
+from tfqkd.quant.layers import QActivation, quantized_layer_classes
+from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, resolve_policy
+from tfqkd.quant.quantizers import AffineQuantizer, LearnedStepQuantizer, Pof2Quantizer, TfqkdQuantizer
+
+__all__ = [
+    "INPUT_QUANTIZER_SUFFIX",
+    "custom_objects",
+    "is_quantized",
+    "layer_specs",
+    "make_input_quantizer",
+    "make_weight_quantizer",
+    "quantize",
+]
+
+INPUT_QUANTIZER_SUFFIX = "_qin"
+_Q_CLASS = {"Conv2D": "QConv2D", "DepthwiseConv2D": "QDepthwiseConv2D", "Dense": "QDense"}
+_WEIGHT_QUANTIZER_KEY = {"Conv2D": "kernel_quantizer", "DepthwiseConv2D": "depthwise_quantizer", "Dense": "kernel_quantizer"}
+# Layers whose output is non-negative when their inputs are (sign propagation).
+_SIGN_PRESERVING = {
+    "Flatten", "Reshape", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
+    "ZeroPadding2D", "Dropout", "Concatenate", "Add", "UpSampling2D",
+}  # fmt: skip
+_NON_NEGATIVE_ACTIVATIONS = {"relu", "relu6", "sigmoid", "softmax"}
+
+
+def custom_objects():
+    """Everything needed to deserialize tfqkd/QKeras models.
+
+    Returns:
+      dict for ``keras.models.load_model(..., custom_objects=...)``: QKeras'
+      objects with the QKeras layer names mapped to the tfqkd subclasses.
+    """
+    import qkeras.utils
+
+    objects = {}
+    qkeras.utils._add_supported_quantized_objects(objects)
+    objects.update(quantized_layer_classes())
+    for cls in (LearnedStepQuantizer, AffineQuantizer, Pof2Quantizer):
+        objects[keras.saving.get_registered_name(cls)] = cls
+    return objects
+
+
+def make_weight_quantizer(spec, bits=None):
+    """Quantizer for a kernel (or, with ``bits``, a bias) under ``spec``.
+
+    Args:
+      spec: QuantSpec of the layer.
+      bits: override the bit width (biases); None uses ``spec.weight_bits``.
+
+    Returns:
+      a tfqkd quantizer; LSQ weights use the narrow symmetric range so their
+      codes are the symmetric integers TFLite stores.
+    """
+    bits = spec.weight_bits if bits is None else bits
+    if spec.kind == "lsq":
+        return LearnedStepQuantizer(bits, signed=True, narrow_range=True)
+    if spec.kind == "affine":
+        return AffineQuantizer(bits, signed=True)
+    return Pof2Quantizer(bits, rounding="even")
+
+
+def make_input_quantizer(spec, signed):
+    """Quantizer for a layer's input activations under ``spec``.
+
+    Args:
+      spec: QuantSpec of the layer.
+      signed: whether the input can be negative (else unsigned codes, as the
+        thesis uses after ReLU).
+
+    Returns:
+      a tfqkd quantizer.
+    """
+    if spec.kind == "lsq":
+        return LearnedStepQuantizer(spec.activation_bits, signed=signed)
+    if spec.kind == "affine":
+        return AffineQuantizer(spec.activation_bits, signed=signed, running=True)
+    return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
+
+
+def _as_functional(model):
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            raise TfqkdError("the Sequential model must be built (give it an input shape) before quantizing")
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    if not getattr(model, "_is_graph_network", False):
+        raise TfqkdError("quantize() needs a functional or Sequential Keras model, not a subclassed one")
+    return model
+
+
+def _producer(tensor):
+    history = tensor._keras_history
+    return history.layer
+
+
+def _is_non_negative(tensor, depth=0):
+    """Structural guess: is this tensor the output of a ReLU-like layer?"""
+    if depth > 50:
+        return False
+    layer = _producer(tensor)
+    cls = type(layer).__name__
+    if cls == "ReLU":
+        return getattr(layer, "negative_slope", 0) == 0 and getattr(layer, "threshold", 0) >= 0
+    if cls == "Activation":
+        return getattr(layer.activation, "__name__", "") in _NON_NEGATIVE_ACTIVATIONS
+    if cls in _SIGN_PRESERVING:
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        return all(_is_non_negative(t, depth + 1) for t in inputs)
+    return False
+
+
+def _single_input(layer):
+    if len(layer._inbound_nodes) != 1:
+        raise TfqkdError(f"layer '{layer.name}' is shared (called more than once); quantize() cannot rewrite it")
+    return layer.input
+
+
+def _calibration_batch(calibration_data, max_examples=256):
+    if calibration_data is None:
+        return None
+    if isinstance(calibration_data, tf.data.Dataset):  # batches of (x, ...)
+        for batch in calibration_data.take(1):
+            return np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)[:max_examples]
+    return np.asarray(calibration_data)[:max_examples]
+
+
+def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn_unused_rules=True):
+    """Returns the quantized QKeras twin of a float model.
+
+    Args:
+      model: functional or Sequential float Keras model.
+      policy: preset name, YAML path, dict or QuantPolicy (see
+        :mod:`tfqkd.quant.policy`).
+      calibration_data: one batch of inputs (array) or a tf.data.Dataset whose
+        first batch is used; it initialises the activation intervals from the
+        min-max of the float model's activations and decides which inputs are
+        signed. Without it, inputs after a ReLU are unsigned, others signed,
+        and activation intervals start at [0, 4].
+      init: step initialisation of the learned-step quantizers, "minmax"
+        (QKD Algorithm 1) or "lsq" (Esser et al. 2020).
+      warn_unused_rules: warn about policy rules that match no layer.
+
+    Returns:
+      a new functional keras.Model; the input model is not modified. For the
+      ``fp32`` policy, an identical float copy.
+
+    Raises:
+      TfqkdError: bad policy, model type or calibration data.
+    """
+    policy = resolve_policy(policy)
+    model = _as_functional(model)
+    layers = [(layer.name, type(layer).__name__) for layer in model.layers]
+    specs = policy.resolve(layers, warn=warn_unused_rules)
+
+    batch = _calibration_batch(calibration_data)
+    probe_values = {}
+    if batch is not None and specs:
+        probe_names = [name for name in specs if specs[name].activation_bits is not None]
+        if probe_names:
+            inputs = [_single_input(model.get_layer(name)) for name in probe_names]
+            try:
+                outputs = keras.Model(model.inputs, inputs)(batch, training=False)
+            except (ValueError, TypeError) as err:
+                raise TfqkdError(f"calibration data does not fit the model input: {str(err).splitlines()[0]}") from None
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            probe_values = {name: np.asarray(value) for name, value in zip(probe_names, outputs)}
+
+    config = copy.deepcopy(model.get_config())
+    new_layers = []
+    input_quantizers = {}
+    for entry in config["layers"]:
+        name, cls = entry["name"], entry["class_name"]
+        spec = specs.get(name)
+        if spec is None or cls not in QUANTIZABLE_TYPES:
+            new_layers.append(entry)
+            continue
+        layer_config = entry["config"]
+        if cls == "DepthwiseConv2D":
+            # Keras' config carries a convolution 'groups' that QDepthwiseConv2D does not accept.
+            layer_config.pop("groups", None)
+        weight_q = make_weight_quantizer(spec)
+        layer_config[_WEIGHT_QUANTIZER_KEY[cls]] = keras.utils.serialize_keras_object(weight_q)
+        if spec.bias_bits < 32:
+            layer_config["bias_quantizer"] = keras.utils.serialize_keras_object(make_weight_quantizer(spec, spec.bias_bits))
+        if spec.activation_bits is not None:
+            source = _single_input(model.get_layer(name))
+            if name in probe_values:
+                signed = bool(probe_values[name].min() < 0)
+            else:
+                signed = not _is_non_negative(source)
+            qin_name = name + INPUT_QUANTIZER_SUFFIX
+            quantizer = make_input_quantizer(spec, signed)
+            input_quantizers[qin_name] = name
+            new_layers.append(
+                {
+                    "class_name": "QActivation",
+                    "name": qin_name,
+                    "config": {
+                        "name": qin_name,
+                        "trainable": True,
+                        "dtype": layer_config.get("dtype", "float32"),
+                        "activation": keras.utils.serialize_keras_object(quantizer),
+                    },
+                    "inbound_nodes": entry["inbound_nodes"],
+                }
+            )
+            entry["inbound_nodes"] = [[[qin_name, 0, 0, {}]]]
+        entry["class_name"] = _Q_CLASS[cls]
+        entry.pop("module", None)
+        entry.pop("registered_name", None)
+        new_layers.append(entry)
+    config["layers"] = new_layers
+    config["name"] = f"{model.name}"
+
+    qmodel = keras.Model.from_config(config, custom_objects=custom_objects())
+
+    for layer in model.layers:
+        qlayer = qmodel.get_layer(layer.name)
+        float_weights = layer.get_weights()
+        if float_weights:
+            qlayer.set_weights(float_weights + qlayer.get_weights()[len(float_weights) :])
+        for quantizer, weight in _weight_quantizers(qlayer):
+            quantizer.initialize(weight.numpy(), method=init)
+    for qin_name, target in input_quantizers.items():
+        if target in probe_values:
+            qmodel.get_layer(qin_name).quantizer.initialize(probe_values[target], method=init)
+    return qmodel
+
+
+def _weight_quantizers(layer):
+    pairs = []
+    for attr, weight in (
+        ("kernel_quantizer_internal", "kernel"),
+        ("depthwise_quantizer_internal", "depthwise_kernel"),
+        ("bias_quantizer_internal", "bias"),
+    ):
+        quantizer = getattr(layer, attr, None)
+        if isinstance(quantizer, TfqkdQuantizer) and getattr(layer, weight, None) is not None:
+            pairs.append((quantizer, getattr(layer, weight)))
+    return pairs
+
+
+def is_quantized(model):
+    """Whether ``model`` contains tfqkd/QKeras quantized layers."""
+    classes = set(quantized_layer_classes())
+    return any(type(layer).__name__ in classes for layer in model.layers)
+
+
+def layer_specs(model):
+    """The per-layer QuantSpec a quantized model realises.
+
+    Args:
+      model: a model returned by :func:`quantize` (or loaded from its file).
+
+    Returns:
+      dict layer name -> QuantSpec, in layer order.
+    """
+    specs = {}
+    for layer in model.layers:
+        pairs = _weight_quantizers(layer)
+        if not pairs:
+            continue
+        weight_q = pairs[0][0]
+        bias_q = getattr(layer, "bias_quantizer_internal", None)
+        qin = _input_quantizer_layer(model, layer.name)
+        specs[layer.name] = QuantSpec(
+            weight_bits=weight_q.bits,
+            activation_bits=None if qin is None else qin.quantizer.bits,
+            bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
+            kind=weight_q.kind,
+        )
+    return specs
+
+
+def _input_quantizer_layer(model, name):
+    try:
+        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
+    except ValueError:
+        return None
+    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None

@@ -1,0 +1,42 @@
+"""Post-training quantization (thesis section 5.5): ``python -m tfqkd.recipes.ptq --model densenet21 --quant w4a4``.
+
+Quantizes the trained float student (``--student-model``, or one trained
+with the budget's baseline schedule) with the policy, initialising the
+intervals from the min-max of the weights and one batch of activations, and
+reports the accuracy before and after.
+"""
+
+import sys
+
+import tfqkd.data as data
+from tfqkd.cli import run_cli
+from tfqkd.quant import quantize, resolve_policy
+from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
+from tfqkd.recipes.qkd import train_baseline
+from tfqkd.recipes.runner import Run, require_file, save_model_atomic, write_results
+
+__all__ = ["main"]
+
+
+def main(argv=None):
+    """Runs the recipe; returns the exit code (2 for bad input)."""
+    args = recipe_parser("python -m tfqkd.recipes.ptq", __doc__.split("\n\n")[0]).parse_args(argv)
+
+    def go():
+        require_file(args.student_model, "student model")
+        config = resolve_config(args)
+        policy = resolve_policy(config["quant"])
+        run = Run(config, resolve_run_dir(args, "ptq", config))
+        student = train_baseline(run, "student", args.student_model, args.unsafe)
+        run.record("Baseline (FP)", student)
+        calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
+        quantized = quantize(student, policy, calibration)
+        save_model_atomic(quantized, run.model_path("student_ptq"))
+        run.record(f"Quantized (PTQ, {policy.name})", quantized)
+        write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")
+
+    return run_cli(go, prog="tfqkd.recipes.ptq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The thesis pipeline end to end: QKD (Kim et al. 2019; thesis section 5.7, tables 5.14-5.16).
+
+    python -m tfqkd.recipes.qkd --model densenet21 [--teacher densenet63] [--dataset cifar10]
+                                [--quant w8a8|w4a4|POLICY.yaml] [--budget quick|thesis] [--run-dir DIR]
+
+Stages (each its own compile/fit, Algorithm 1):
+
+1. float baselines of teacher and student (or reuse trained ones);
+2. Quantized: post-training quantization of the float student (intervals
+   from the min-max of weights and one batch of activations);
+3. SS: self-studying (quantization-aware training, cross-entropy only);
+4. SS+TS: from SS, tutor-studying with the frozen baseline teacher;
+5. QKD: from SS, co-studying with a copy of the teacher, then tutor-studying
+   with that co-studied teacher.
+
+It prints the thesis's comparison table (Baseline, Quantized, SS, SS+TS, QKD;
+train and test top-1) and writes results.json, results.csv and
+comparison.png into the run directory.
+"""
+
+import sys
+import time
+
+import tfqkd.data as data
+from tfqkd.cli import run_cli
+from tfqkd.quant import quantize, resolve_policy
+from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
+from tfqkd.recipes.runner import Run, copy_model, require_file, save_model_atomic, write_results
+
+__all__ = ["main", "train_baseline"]
+
+
+def train_baseline(run, role, reuse_path=None, unsafe=False):
+    """The trained float ``role`` ("teacher"/"student"): reused or trained (baseline stage).
+
+    Args:
+      run: the Run.
+      role: "teacher" or "student".
+      reuse_path: a trained model file to use instead of training.
+      unsafe: allow Lambda layers in ``reuse_path``.
+
+    Returns:
+      the float keras.Model.
+    """
+    from tfqkd.io import load_model
+
+    name = f"{role}_fp"
+    if reuse_path is not None:
+        run.log(f"using trained {role} {reuse_path}")
+        model = load_model(reuse_path, unsafe=unsafe)
+        save_model_atomic(model, run.model_path(name))
+        return model
+    model = run.load_stage(name)
+    if model is None:
+        model = run.new_model(role)
+        run.train(name, f"{role}_baseline", model, phase="ss")
+        save_model_atomic(model, run.model_path(name))
+    return model
+
+
+def _stage(run, name, build):
+    """Loads stage ``name`` from the run directory or builds it and saves it."""
+    model = run.load_stage(name)
+    if model is None:
+        model = build()
+        save_model_atomic(model, run.model_path(name))
+    return model
+
+
+def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=False):
+    """Runs the full QKD comparison and returns the Run (results in ``run.results``)."""
+    run = Run(config, run_dir)
+    policy = resolve_policy(config["quant"])
+    run.log(f"{config['student']} from {config['teacher']} on {config['dataset']}, policy {policy.name}")
+
+    start = time.time()
+    teacher = train_baseline(run, "teacher", teacher_model, unsafe)
+    run.record(f"Teacher baseline (FP, {config['teacher']})", teacher, time.time() - start)
+
+    start = time.time()
+    student_fp = train_baseline(run, "student", student_model, unsafe)
+    run.record("Baseline (FP)", student_fp, time.time() - start)
+
+    calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
+    start = time.time()
+    ptq = _stage(run, "student_ptq", lambda: quantize(student_fp, policy, calibration))
+    run.record("Quantized (PTQ)", ptq, time.time() - start)
+
+    def self_study():
+        model = copy_model(ptq)
+        run.train("ss", "ss", model, phase="ss")
+        return model
+
+    start = time.time()
+    ss = _stage(run, "student_ss", self_study)
+    run.record("SS", ss, time.time() - start)
+
+    def tutor_study():
+        model = copy_model(ss)
+        run.train("ss_ts", "ts", model, teacher, phase="ts")
+        return model
+
+    start = time.time()
+    ss_ts = _stage(run, "student_ss_ts", tutor_study)
+    run.record("SS+TS", ss_ts, time.time() - start)
+
+    start = time.time()
+    cs_student = run.load_stage("student_cs")
+    cs_teacher = run.load_stage("teacher_cs")
+    if cs_student is None or cs_teacher is None:
+        cs_student, cs_teacher = copy_model(ss), copy_model(teacher)
+        run.train("cs", "cs", cs_student, cs_teacher, phase="cs")
+        save_model_atomic(cs_teacher, run.model_path("teacher_cs"))
+        save_model_atomic(cs_student, run.model_path("student_cs"))
+
+    def qkd_tutor_study():
+        model = copy_model(cs_student)
+        run.train("qkd_ts", "ts", model, cs_teacher, phase="ts")
+        return model
+
+    qkd = _stage(run, "student_qkd", qkd_tutor_study)
+    run.record("QKD (SS+CS+TS)", qkd, time.time() - start)
+    title = f"QKD comparison: {config['student']} ({policy.name}) from {config['teacher']} on {config['dataset']}"
+    write_results(run, title)
+    return run
+
+
+def main(argv=None):
+    """Runs the recipe; returns the exit code (2 for bad input)."""
+    parser = recipe_parser("python -m tfqkd.recipes.qkd", __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+
+    def go():
+        require_file(args.teacher_model, "teacher model")
+        require_file(args.student_model, "student model")
+        config = resolve_config(args)
+        run_qkd(config, resolve_run_dir(args, "qkd", config), args.teacher_model, args.student_model, args.unsafe)
+
+    return run_cli(go, prog="tfqkd.recipes.qkd")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The pieces recipes compose: run directory, training stages, evaluation, results.
+
+A run directory holds::
+
+    config.yaml              the resolved recipe
+    models/<name>.h5         each stage's final model (written atomically)
+    stages/<name>/           per-epoch checkpoints, history.csv, TensorBoard logs
+    results.json, results.csv, comparison.png
+
+Stage models already present in the run directory are reused, so a recipe
+that was interrupted between stages continues from the last finished stage.
+"""
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import tfqkd.data as data
+from tfqkd._keras import keras
+from tfqkd.distill import QKD, precompute_teacher_logits
+from tfqkd.errors import TfqkdError
+from tfqkd.io import load_model
+from tfqkd.models import create_model
+from tfqkd.quant import custom_objects
+from tfqkd.training import WarmupMultiStep, make_sgd
+
+__all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_results"]
+
+# Quantizer steps and ranges are excluded from weight decay: decaying a step
+# shrinks the quantization interval, which is not a regulariser.
+_NO_DECAY = ("_step", "_min", "_max", "_absmax")
+
+
+def copy_model(model):
+    """An independent copy (architecture and weights) of a float or quantized model."""
+    with keras.utils.custom_object_scope(custom_objects()):
+        clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def save_model_atomic(model, path):
+    """Saves ``model`` to ``path`` via a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def evaluate_top1(model, x, y, batch_size=256):
+    """Top-1 accuracy in percent of a logits model on arrays."""
+    logits = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(100.0 * np.mean(np.argmax(logits, axis=-1) == y))
+
+
+@dataclass
+class Run:
+    """One recipe run: config, run directory, data and the stage machinery.
+
+    Args:
+      config: validated recipe config.
+      run_dir: the run directory (created).
+      verbose: Keras fit verbosity (1 progress bar, 2 one line per epoch).
+    """
+
+    config: dict
+    run_dir: Path
+    verbose: int = field(default_factory=lambda: 1 if sys.stdout.isatty() else 2)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
+        self.info = data.dataset_info(self.config["dataset"])
+        keras.utils.set_random_seed(self.config["seed"])
+        cfg, name = self.config, self.config["dataset"]
+        common = dict(batch_size=cfg["batch_size"], data_dir=cfg.get("data_dir"))
+        self.train_ds = data.load(name, "train", with_index=True, seed=cfg["seed"], limit=cfg["train_limit"], **common)
+        self.test_ds = data.load(name, "test", **common)
+        self.train_examples = min(self.info.train_size, cfg["train_limit"] or self.info.train_size)
+        self.steps_per_epoch = -(-self.train_examples // cfg["batch_size"])
+        self.x_test, self.y_test = data.load_arrays(name, "test", data_dir=cfg.get("data_dir"))
+        self.x_train_eval, self.y_train_eval = data.load_arrays(
+            name, "train", data_dir=cfg.get("data_dir"), limit=cfg["eval_train_limit"] or cfg["train_limit"]
+        )
+        self.augmented = self.info.augment not in (None, "none")
+        self.results = []
+        self._write_config()
+
+    # Bookkeeping ------------------------------------------------------------------------
+    def _write_config(self):
+        text = yaml.safe_dump(self.config, sort_keys=False)
+        tmp = self.run_dir / ".config.yaml.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.run_dir / "config.yaml")
+
+    def model_path(self, name):
+        return self.run_dir / "models" / f"{name}.h5"
+
+    def log(self, message):
+        print(f"[tfqkd] {message}", flush=True)
+
+    # Models -----------------------------------------------------------------------------
+    def new_model(self, role):
+        """A fresh float model for ``role`` ("student" or "teacher")."""
+        return create_model(self.config[role], num_classes=self.info.num_classes, input_shape=self.info.input_shape)
+
+    def load_stage(self, name):
+        """The saved model of stage ``name`` if this run already finished it, else None."""
+        path = self.model_path(name)
+        if path.exists():
+            self.log(f"reusing {path}")
+            return load_model(path)
+        return None
+
+    # Training ---------------------------------------------------------------------------
+    def _optimizer(self, schedule):
+        lr = WarmupMultiStep(
+            schedule["lr"], self.steps_per_epoch, schedule["warmup"], schedule["milestones"], schedule["factor"]
+        )
+        return make_sgd(lr, momentum=self.config["momentum"], weight_decay=self.config["weight_decay"], exclude=_NO_DECAY)
+
+    def _teacher_cache(self, teacher):
+        mode = self.config["teacher_cache"]
+        if mode == "off" or (mode == "auto" and self.augmented):
+            return None
+        if mode == "on" and self.augmented:
+            self.log("warning: teacher_cache=on with augmented inputs: cached logits are of un-augmented images")
+        ordered = data.load(
+            self.config["dataset"], "train", batch_size=256, shuffle=False, augment="none", with_index=True,
+            limit=self.config["train_limit"], data_dir=self.config.get("data_dir"),
+        )  # fmt: skip
+        return precompute_teacher_logits(teacher, ordered, self.train_examples)
+
+    def train(self, name, stage, student, teacher=None, phase="ss"):
+        """Runs one compile/fit stage and saves the resulting student.
+
+        Args:
+          name: stage name in the run directory (``ss``, ``ss_ts``, ``cs``, ...).
+          stage: key of the schedule in ``config["stages"]``.
+          student: the network being trained (modified in place).
+          teacher: the teacher for ``cs``/``ts``.
+          phase: "ss", "cs" or "ts".
+
+        Returns:
+          the Keras History.
+        """
+        schedule = self.config["stages"][stage]
+        stage_dir = self.run_dir / "stages" / name
+        (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        cache = self._teacher_cache(teacher) if phase == "ts" else None
+        model = QKD(
+            student, teacher if phase != "ss" else None, phase=phase, alpha=self.config["alpha"],
+            temperature=self.config["temperature"], teacher_logits=cache,
+        )  # fmt: skip
+        model.compile(self._optimizer(schedule), teacher_optimizer=self._optimizer(schedule) if phase == "cs" else None)
+        callbacks = [
+            keras.callbacks.ModelCheckpoint(
+                str(stage_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
+            ),
+            keras.callbacks.CSVLogger(str(stage_dir / "history.csv")),
+            keras.callbacks.TensorBoard(str(stage_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        ]
+        self.log(f"stage {name}: phase {phase}, {schedule['epochs']} epoch(s), lr {schedule['lr']}")
+        start = time.time()
+        history = model.fit(
+            self.train_ds, epochs=schedule["epochs"], validation_data=self.test_ds,
+            callbacks=callbacks, verbose=self.verbose,
+        )  # fmt: skip
+        self.log(f"stage {name} done in {time.time() - start:.0f} s")
+        return history
+
+    # Results ----------------------------------------------------------------------------
+    def record(self, method, model, seconds=None):
+        """Evaluates ``model`` (train and test top-1) and adds a results row."""
+        row = {
+            "method": method,
+            "train_top1": round(evaluate_top1(model, self.x_train_eval, self.y_train_eval), 2),
+            "test_top1": round(evaluate_top1(model, self.x_test, self.y_test), 2),
+        }
+        if seconds is not None:
+            row["seconds"] = round(seconds, 1)
+        self.results.append(row)
+        self.log(f"{method}: train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}%")
+        return row
+
+
+def write_results(run, title):
+    """Writes results.json, results.csv and comparison.png and prints the table.
+
+    Args:
+      run: the Run with its ``results`` rows.
+      title: heading of the table and chart.
+
+    Returns:
+      the printed table text.
+    """
+    rows = run.results
+    payload = {"title": title, "config": run.config, "results": rows}
+    (run.run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    with open(run.run_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "train_top1", "test_top1", "seconds"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row.get(key, "") for key in writer.fieldnames})
+    _plot(rows, title, run.run_dir / "comparison.png")
+    width = max(len(r["method"]) for r in rows) + 2
+    lines = [title, f"{'Method':<{width}}{'Train top-1':>12}{'Test top-1':>12}"]
+    lines += [f"{r['method']:<{width}}{r['train_top1']:>11.2f}%{r['test_top1']:>11.2f}%" for r in rows]
+    lines.append(f"run directory: {run.run_dir}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _plot(rows, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    positions = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    ax.bar(positions - 0.2, [r["train_top1"] for r in rows], 0.4, label="train")
+    bars = ax.bar(positions + 0.2, [r["test_top1"] for r in rows], 0.4, label="test")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    low = min(min(r["train_top1"], r["test_top1"]) for r in rows)
+    ax.set_ylim(max(0.0, low - 5.0), 100.0)
+    ax.set_xticks(positions, names, rotation=15)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def require_file(path, what):
+    """Raises a one-line error if ``path`` is not an existing file."""
+    if path is not None and not Path(path).is_file():
+        raise TfqkdError(f"{what} not found: {path}")
