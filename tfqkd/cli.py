@@ -8,7 +8,7 @@ exit with code 2, without a traceback.
 import argparse
 import sys
 
-__all__ = ["ArgumentParser", "main", "run_cli"]
+__all__ = ["ArgumentParser", "main", "quiet_known_noise", "run_cli"]
 
 RECIPES = ("qkd", "baseline", "kd", "ptq", "qat")
 
@@ -18,6 +18,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def quiet_known_noise():
+    """Silences warnings the command line cannot act on (library callers keep them).
+
+    QKeras serializes quantizers through ``keras.constraints.serialize`` (a
+    UserWarning per layer), tf_keras warns on every HDF5 save, and TensorFlow
+    logs a WARNING when a saved model is reloaded without metrics.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*keras\.constraints\.serialize\(\).*")
+    warnings.filterwarnings("ignore", message=r".*saving your model as an HDF5 file.*")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def run_cli(fn, prog="tfqkd"):
@@ -32,6 +47,7 @@ def run_cli(fn, prog="tfqkd"):
     """
     from tfqkd.errors import TfqkdError
 
+    quiet_known_noise()
     try:
         return fn() or 0
     except TfqkdError as err:
@@ -86,11 +102,6 @@ def main(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "models" and args.family:
-        from tfqkd.models import list_models
-
-        if not list_models(family=args.family):
-            parser.error(f"unknown model family {args.family!r}")
     return run_cli(lambda: args.func(args))
 
 

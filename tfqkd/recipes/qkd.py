@@ -69,8 +69,8 @@ def _stage(run, name, build):
 
 def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=False):
     """Runs the full QKD comparison and returns the Run (results in ``run.results``)."""
+    policy = resolve_policy(config["quant"])  # a bad policy fails before anything is written
     run = Run(config, run_dir)
-    policy = resolve_policy(config["quant"])
     run.log(f"{config['student']} from {config['teacher']} on {config['dataset']}, policy {policy.name}")
 
     start = time.time()
