@@ -14,13 +14,14 @@ is checked; a bad one raises :class:`~tfqkd.errors.TfqkdError` naming it.
 
 import copy
 import importlib.resources
+import math
 from pathlib import Path
 
 import yaml
 
 from tfqkd.errors import TfqkdError
 
-__all__ = ["STAGES", "budget_config", "load_config", "merge", "validate_config"]
+__all__ = ["STAGES", "budget_config", "load_config", "merge", "read_yaml_file", "safe_yaml", "validate_config"]
 
 #: Training stages a recipe may schedule, in pipeline order.
 STAGES = ("teacher_baseline", "student_baseline", "ss", "cs", "ts")
@@ -33,14 +34,153 @@ _TOP_KEYS = {
 _THESIS_CONFIGS = {"cifar10": "thesis_cifar10.yaml", "cifar100": "thesis_cifar100.yaml", "mnist": "thesis_mnist.yaml"}
 
 
-def _read_yaml(text, where):
+#: Limits of a recipe or policy file: these are small hand-written files, and
+#: ``yaml.safe_load`` expands aliases, so a "billion laughs" document of a few
+#: hundred bytes would otherwise become a structure of billions of nodes.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_ALIASES = 256
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def show(value, limit=80):
+    """``repr`` of a user value, cut to ``limit`` characters (error messages stay one short line)."""
     try:
-        data = yaml.safe_load(text)
+        text = repr(value)
+    except RecursionError:  # pragma: no cover - recursive structures are refused earlier
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that counts aliases while composing the node graph."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count = getattr(self, "alias_count", 0) + 1
+            if self.alias_count > MAX_YAML_ALIASES:
+                raise TfqkdError(f"{self.where} uses more than {MAX_YAML_ALIASES} YAML aliases")
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(root, where):
+    """Nodes the document has once aliases are expanded (without expanding), refusing cycles."""
+    sizes, active = {}, set()
+    # Iterative post-order walk: deep documents must not hit Python's recursion limit.
+    stack = [(root, False, 0)]
+    while stack:
+        node, done, depth = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            children = _children(node)
+            sizes[key] = min(1 + sum(sizes[id(child)] for child in children), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise TfqkdError(f"{where} contains a recursive YAML alias")
+        if depth > MAX_YAML_DEPTH:
+            raise TfqkdError(f"{where} is nested more than {MAX_YAML_DEPTH} levels deep")
+        active.add(key)
+        stack.append((node, True, depth))
+        for child in _children(node):
+            if id(child) in active:
+                raise TfqkdError(f"{where} contains a recursive YAML alias")
+            if id(child) not in sizes:
+                stack.append((child, False, depth + 1))
+    return sizes[id(root)]
+
+
+def _children(node):
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def safe_yaml(text, where):
+    """Parses YAML text with ``safe_load`` semantics and resource limits.
+
+    Args:
+      text: the document (str).
+      where: what it is, for error messages ("recipe x.yaml").
+
+    Returns:
+      the Python data (may be any YAML type; callers check the shape).
+
+    Raises:
+      TfqkdError: syntax error, more than one document, too large, too many
+        aliases, recursive aliases or too deep nesting.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise TfqkdError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KiB; a recipe is a small YAML file")
+    loader = None
+    try:
+        loader = _GuardedLoader(text)  # the reader already rejects control characters
+        loader.where = where
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, where) > MAX_YAML_NODES:
+            raise TfqkdError(f"{where} expands to more than {MAX_YAML_NODES} YAML nodes (alias bomb?)")
+        return loader.construct_document(node)
+    except TfqkdError:
+        raise
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "syntax error"
-        raise TfqkdError(f"{where} is not valid YAML: {first}") from None
+        first = " ".join(str(err).split()) if str(err) else "syntax error"
+        raise TfqkdError(f"{where} is not valid YAML: {first[:200]}") from None
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. a timestamp like 2020-13-45
+        raise TfqkdError(f"{where} has a value YAML cannot convert: {show(str(err), 120)}") from None
+    except RecursionError:
+        raise TfqkdError(f"{where} is nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_yaml_file(path, what):
+    """Reads a small UTF-8 YAML file safely (see :func:`safe_yaml`).
+
+    Args:
+      path: file path.
+      what: "recipe", "policy file", ... for error messages.
+
+    Returns:
+      the parsed data.
+
+    Raises:
+      TfqkdError: missing, a directory, unreadable, not UTF-8 text, too large or malformed.
+    """
+    path = Path(path)
+    where = f"{what} {show(str(path))}"
+    try:
+        if path.is_dir():
+            raise TfqkdError(f"{where} is a directory, not a YAML file")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_YAML_BYTES + 1)
+    except TfqkdError:
+        raise
+    except FileNotFoundError:
+        raise TfqkdError(f"{where} not found") from None
+    except (OSError, ValueError) as err:  # permissions, ELOOP, embedded NUL byte, ...
+        raise TfqkdError(f"cannot read {where}: {type(err).__name__}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise TfqkdError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KiB; a recipe is a small YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TfqkdError(f"{where} is not a UTF-8 text file") from None
+    if "\x00" in text:
+        raise TfqkdError(f"{where} is not a text file (it contains NUL bytes)")
+    return safe_yaml(text, where)
+
+
+def _read_yaml(text, where):
+    data = safe_yaml(text, where)
     if not isinstance(data, dict):
-        raise TfqkdError(f"{where} must be a YAML mapping, got {type(data).__name__}")
+        raise TfqkdError(f"{where} must be a YAML mapping of settings, got {type(data).__name__}")
     return data
 
 
@@ -53,14 +193,10 @@ def load_config(path):
     Returns:
       the validated config dict.
     """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-        raise TfqkdError(f"cannot read recipe {path}: {type(err).__name__}") from None
-    except UnicodeDecodeError:
-        raise TfqkdError(f"recipe {path} is not a text file") from None
-    return validate_config(_read_yaml(text, f"recipe {path}"))
+    data = read_yaml_file(path, "recipe")
+    if not isinstance(data, dict):
+        raise TfqkdError(f"recipe {show(str(path))} must be a YAML mapping of settings, got {type(data).__name__}")
+    return validate_config(data)
 
 
 def budget_config(budget, dataset):
@@ -99,12 +235,44 @@ def merge(config, overrides):
 def _number(value, key, low=None, high=None, integer=False, low_open=False):
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TfqkdError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        raise TfqkdError(f"{key} must be {'an integer' if integer else 'a number'}, got {show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TfqkdError(f"{key} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
-        raise TfqkdError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise TfqkdError(f"{key} must be {'>' if low_open else '>='} {low}, got {show(value)}")
     if high is not None and value > high:
-        raise TfqkdError(f"{key} must be <= {high}, got {value!r}")
+        raise TfqkdError(f"{key} must be <= {high}, got {show(value)}")
     return value
+
+
+def _keys(mapping):
+    return ", ".join(sorted(show(key, 40) if not isinstance(key, str) or not key.isprintable() else key for key in mapping))
+
+
+def _validate_quant(quant):
+    """Checks a policy (preset name, YAML path or mapping) now, before any run directory or data."""
+    from tfqkd.quant.policy import QuantPolicy, list_presets
+
+    if isinstance(quant, str):
+        if quant in list_presets():
+            return
+        if not quant.endswith((".yaml", ".yml")):
+            raise TfqkdError(
+                f"unknown quantization policy {show(quant)}; use a preset ({', '.join(list_presets())}) or a .yaml file"
+            )
+        data, where = read_yaml_file(quant, "policy file"), f"policy file {show(quant)}"
+    else:
+        data, where = quant, "recipe 'quant'"
+    if not isinstance(data, dict):
+        raise TfqkdError(f"{where} must be a mapping (default, rules, first_last_bits, name), got {type(data).__name__}")
+    if any(not isinstance(key, str) for key in data):
+        raise TfqkdError(f"{where}: keys must be names, got {_keys(data)}")
+    try:
+        QuantPolicy.from_dict(data)
+    except TfqkdError as err:
+        raise TfqkdError(f"{where}: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise TfqkdError(f"{where} is malformed: {show(str(err), 120)}") from None
 
 
 def validate_config(config):
@@ -120,25 +288,34 @@ def validate_config(config):
       TfqkdError: naming the first bad key.
     """
     from tfqkd.data import list_datasets
-    from tfqkd.models import list_models
+    from tfqkd.models import list_models, model_info
 
+    if not isinstance(config, dict):
+        raise TfqkdError(f"recipe must be a mapping of settings, got {type(config).__name__}")
     unknown = set(config) - _TOP_KEYS
     if unknown:
-        raise TfqkdError(f"recipe: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        raise TfqkdError(f"recipe: unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
     config = copy.deepcopy(config)
+    if config.get("name") is not None and not isinstance(config["name"], str):
+        raise TfqkdError(f"recipe: 'name' must be a string, got {show(config['name'])}")
     for key in ("dataset", "student", "teacher"):
         if not isinstance(config.get(key), str):
-            raise TfqkdError(f"recipe: '{key}' must be a name, got {config.get(key)!r}")
+            raise TfqkdError(f"recipe: '{key}' must be a name, got {show(config.get(key))}")
     if config["dataset"] not in list_datasets():
-        raise TfqkdError(f"unknown dataset {config['dataset']!r}; known: {', '.join(list_datasets())}")
+        raise TfqkdError(f"unknown dataset {show(config['dataset'])}; known: {', '.join(list_datasets())}")
     for key in ("student", "teacher"):
         if config[key] not in list_models():
-            raise TfqkdError(f"unknown {key} model {config[key]!r}; see `tfqkd models`")
+            raise TfqkdError(f"unknown {key} model {show(config[key])}; see `tfqkd models`")
+        if model_info(config[key]).default_num_classes is None:
+            raise TfqkdError(f"{key} model {config[key]!r} has no classification head; it cannot be distilled")
     config.setdefault("quant", "w8a8")
     if not isinstance(config["quant"], (str, dict)):
-        raise TfqkdError("recipe: 'quant' must be a preset name, a policy file path or a policy mapping")
+        raise TfqkdError(
+            f"recipe: 'quant' must be a preset name, a policy file path or a policy mapping, got {show(config['quant'])}"
+        )
+    _validate_quant(config["quant"])
     config.setdefault("seed", 0)
-    _number(config["seed"], "seed", low=0, integer=True)
+    _number(config["seed"], "seed", low=0, high=2**32 - 1, integer=True)
     config.setdefault("batch_size", 64)
     _number(config["batch_size"], "batch_size", low=1, high=65536, integer=True)
     config.setdefault("alpha", 0.7)
@@ -150,34 +327,41 @@ def validate_config(config):
     config.setdefault("momentum", 0.9)
     _number(config["momentum"], "momentum", low=0, high=1)
     config.setdefault("teacher_cache", "auto")
-    if config["teacher_cache"] not in ("auto", "on", "off"):
-        raise TfqkdError(f"teacher_cache must be auto, on or off, got {config['teacher_cache']!r}")
+    if not isinstance(config["teacher_cache"], str) or config["teacher_cache"] not in ("auto", "on", "off"):
+        raise TfqkdError(f"teacher_cache must be auto, on or off, got {show(config['teacher_cache'])}")
     for key in ("eval_train_limit", "train_limit"):
         config.setdefault(key, None)
         if config[key] is not None:
-            _number(config[key], key, low=1, integer=True)
+            _number(config[key], key, low=1, high=10**9, integer=True)
+    if config.get("data_dir") is not None:
+        if not isinstance(config["data_dir"], str) or not config["data_dir"] or "\x00" in config["data_dir"]:
+            raise TfqkdError(f"data_dir must be a directory path, got {show(config['data_dir'])}")
+        if Path(config["data_dir"]).exists() and not Path(config["data_dir"]).is_dir():
+            raise TfqkdError(f"data_dir {show(config['data_dir'])} is not a directory")
     stages = config.get("stages")
     if not isinstance(stages, dict):
-        raise TfqkdError("recipe: 'stages' must map stage names to schedules")
+        raise TfqkdError(f"recipe: 'stages' must map stage names to schedules, got {show(stages)}")
     bad = set(stages) - set(STAGES)
     if bad:
-        raise TfqkdError(f"recipe: unknown stage(s) {', '.join(sorted(map(str, bad)))}; known: {', '.join(STAGES)}")
+        raise TfqkdError(f"recipe: unknown stage(s) {_keys(bad)}; known: {', '.join(STAGES)}")
     for stage in STAGES:
         schedule = stages.get(stage)
         if not isinstance(schedule, dict):
-            raise TfqkdError(f"recipe: stage '{stage}' needs a schedule mapping")
+            raise TfqkdError(f"recipe: stage '{stage}' needs a schedule mapping (epochs, lr, ...), got {show(schedule)}")
         unknown = set(schedule) - _STAGE_KEYS
         if unknown:
-            raise TfqkdError(f"recipe stage '{stage}': unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+            raise TfqkdError(f"recipe stage '{stage}': unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_STAGE_KEYS))}")
         _number(schedule.get("epochs"), f"{stage}.epochs", low=0, high=100000, integer=True)
         _number(schedule.get("lr"), f"{stage}.lr", low=0, low_open=True, high=1e6)
         schedule.setdefault("milestones", [])
         if not isinstance(schedule["milestones"], list):
-            raise TfqkdError(f"{stage}.milestones must be a list of epochs")
+            raise TfqkdError(f"{stage}.milestones must be a list of epochs, got {show(schedule['milestones'])}")
         for epoch in schedule["milestones"]:
-            _number(epoch, f"{stage}.milestones", low=0, integer=True)
+            _number(epoch, f"{stage}.milestones", low=0, high=100000, integer=True)
+        if any(b <= a for a, b in zip(schedule["milestones"], schedule["milestones"][1:])):
+            raise TfqkdError(f"{stage}.milestones must be strictly increasing, got {show(schedule['milestones'])}")
         schedule.setdefault("factor", 5)
-        _number(schedule["factor"], f"{stage}.factor", low=0, low_open=True)
+        _number(schedule["factor"], f"{stage}.factor", low=0, low_open=True, high=1e6)
         schedule.setdefault("warmup", 0)
-        _number(schedule["warmup"], f"{stage}.warmup", low=0, integer=True)
+        _number(schedule["warmup"], f"{stage}.warmup", low=0, high=100000, integer=True)
     return config

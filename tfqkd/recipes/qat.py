@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    args = recipe_parser("python -m tfqkd.recipes.qat", __doc__.split("\n\n")[0]).parse_args(argv)
+    args = recipe_parser("tfqkd.recipes.qat", __doc__.split("\n\n")[0]).parse_args(argv)
 
     def go():
         require_file(args.student_model, "student model")

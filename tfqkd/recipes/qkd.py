@@ -127,7 +127,7 @@ def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=Fals
 
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    parser = recipe_parser("python -m tfqkd.recipes.qkd", __doc__.split("\n\n")[0])
+    parser = recipe_parser("tfqkd.recipes.qkd", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
 
     def go():

@@ -29,7 +29,8 @@ from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
 from tfqkd.models import create_model
 from tfqkd.quant import custom_objects
-from tfqkd.training import WarmupMultiStep, make_sgd
+from tfqkd.training import DivergenceGuard, WarmupMultiStep, make_sgd
+from tfqkd.training import check as check_divergence
 
 __all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_results"]
 
@@ -165,9 +166,13 @@ class Run:
             temperature=self.config["temperature"], teacher_logits=cache,
         )  # fmt: skip
         model.compile(self._optimizer(schedule), teacher_optimizer=self._optimizer(schedule) if phase == "cs" else None)
+        guard = DivergenceGuard(stage=name)
         callbacks = [
-            keras.callbacks.ModelCheckpoint(
-                str(stage_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
+            guard,  # first: it restores the last good weights before any other callback sees a bad epoch
+            guard.protect(  # no checkpoint of a diverged epoch
+                keras.callbacks.ModelCheckpoint(
+                    str(stage_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
+                )
             ),
             keras.callbacks.CSVLogger(str(stage_dir / "history.csv")),
             keras.callbacks.TensorBoard(str(stage_dir / "tensorboard"), write_graph=False, profile_batch=0),
@@ -178,6 +183,7 @@ class Run:
             self.train_ds, epochs=schedule["epochs"], validation_data=self.test_ds,
             callbacks=callbacks, verbose=self.verbose,
         )  # fmt: skip
+        check_divergence(guard)  # one-line TfqkdError; the stage's model is then not saved
         self.log(f"stage {name} done in {time.time() - start:.0f} s")
         return history
 
