@@ -1,4 +1,5 @@
-"""The ``tfqkd`` command line: ``tfqkd models``, ``tfqkd train RECIPE ...``.
+"""The ``tfqkd`` command line: ``tfqkd models``, ``tfqkd train RECIPE ...``, ``tfqkd export``,
+``tfqkd analyze``.
 
 Errors caused by the user (unknown model, bad bits, malformed recipe or
 policy, unreadable file) print one line ``tfqkd: error: ...`` on stderr and
@@ -17,7 +18,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
 def quiet_known_noise():
@@ -51,7 +52,8 @@ def run_cli(fn, prog="tfqkd"):
     try:
         return fn() or 0
     except TfqkdError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines()) or type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -76,6 +78,32 @@ def _cmd_train(args):
     return module.main(args.recipe_args)
 
 
+def _cmd_export(args):
+    from pathlib import Path
+
+    if args.target == "tflite":
+        from tfqkd.export.command import run_tflite_export
+
+        return run_tflite_export(args)
+    from tfqkd.errors import TfqkdError
+    from tfqkd.export.command import find_run_model
+    from tfqkd.export.dpu.command import run_dpu_export
+
+    source = Path(args.source)
+    if source.is_dir():
+        args.model, config = find_run_model(source)
+        default_out = source / "export" / "dpu"
+        dataset = args.dataset or config.get("dataset")
+    elif source.is_file():
+        args.model, dataset, default_out = source, args.dataset, source.parent / f"{source.stem}_dpu"
+    else:
+        raise TfqkdError(f"no such run directory or model file: {source}")
+    args.out = args.out or default_out
+    args.calibration_data = args.calibration_data or dataset
+    args.evaluation_data = args.evaluation_data or dataset
+    return run_dpu_export(args)
+
+
 def build_parser():
     parser = ArgumentParser(prog="tfqkd", description="Quantization-aware knowledge distillation with QKeras.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -88,6 +116,22 @@ def build_parser():
     train.add_argument("recipe", choices=RECIPES)
     train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="arguments of the recipe (see --help of it)")
     train.set_defaults(func=_cmd_train)
+
+    from tfqkd.export.command import add_tflite_arguments
+    from tfqkd.export.dpu.command import add_dpu_arguments
+
+    export = sub.add_parser("export", help="export a trained model to TFLite (int8/float) or the Xilinx DPU")
+    export.add_argument("--target", required=True, choices=("tflite", "dpu"))
+    export.add_argument("source", metavar="RUN_DIR_OR_MODEL_FILE")
+    add_tflite_arguments(export)  # also --out, --dataset, --data-dir, --force, --unsafe for both targets
+    add_dpu_arguments(export.add_argument_group("DPU (--target dpu)"), include_io=False)
+    export.set_defaults(func=_cmd_export)
+
+    from tfqkd.analysis.command import add_analyze_arguments, run_analyze
+
+    analyze = sub.add_parser("analyze", help="layerwise weight/activation statistics, SQNR, histograms")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=run_analyze)
     return parser
 
 

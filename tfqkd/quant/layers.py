@@ -15,9 +15,11 @@ things QKeras 0.9 lacks for trainable quantizers:
   model being quantized.
 """
 
+import contextlib
+
 import qkeras
 
-from tfqkd._keras import keras
+from tfqkd._keras import keras, tf
 from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
 
 __all__ = ["QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "quantized_layer_classes"]
@@ -59,11 +61,16 @@ class _WeightQuantizedMixin:
         super().set_weights(weights)
 
     def build(self, input_shape):
-        super().build(input_shape)
-        for attr, weight, role in self._weight_roles:
-            _build_quantizer(self, getattr(self, attr), role, getattr(self, weight).shape)
-        if self.use_bias:
-            _build_quantizer(self, self.bias_quantizer_internal, "bias", self.bias.shape)
+        # Keras builds layers restored by from_config() outside their name scope,
+        # which leaves weights named "kernel:0"; inside a nested model saved to
+        # .h5 those names collide. Scope them as a functional call would.
+        scope = tf.name_scope(self.name) if not tf.get_current_name_scope() else contextlib.nullcontext()
+        with scope:
+            super().build(input_shape)
+            for attr, weight, role in self._weight_roles:
+                _build_quantizer(self, getattr(self, attr), role, getattr(self, weight).shape)
+            if self.use_bias:
+                _build_quantizer(self, self.bias_quantizer_internal, "bias", self.bias.shape)
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QConv2D")

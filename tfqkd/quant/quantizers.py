@@ -37,6 +37,7 @@ __all__ = [
     "Pof2Quantizer",
     "TfqkdQuantizer",
     "get_quantizer",
+    "register_quantizer",
     "round_half_up",
     "validate_bits",
 ]
@@ -391,13 +392,29 @@ _REGISTRY = {
     keras.saving.get_registered_name(cls): cls for cls in (LearnedStepQuantizer, AffineQuantizer, Pof2Quantizer)
 }
 
-# QKeras' print_qstats and QTools identify quantizers by class name. Our
-# quantizers compute what quantized_bits computes with a (learned or
-# calibrated) scale, so they present that name to those tools. Serialized
-# configs keep the registered name ("tfqkd>LearnedStepQuantizer"), which
-# get_quantizer() below resolves; the tfqkd layers call it before QKeras does.
-for _cls in _REGISTRY.values():
-    _cls.__name__ = "quantized_bits"
+
+def register_quantizer(cls):
+    """Registers a tfqkd quantizer class for deserialization and QKeras' tools.
+
+    QKeras' print_qstats and QTools identify quantizers by class name. tfqkd
+    quantizers compute what ``quantized_bits`` computes with a (learned or
+    calibrated) scale, so they present that name to those tools. Serialized
+    configs keep the registered name (``"tfqkd>LearnedStepQuantizer"``), which
+    :func:`get_quantizer` resolves; the tfqkd layers call it before QKeras does.
+
+    Args:
+      cls: a TfqkdQuantizer subclass decorated with ``register_keras_serializable``.
+
+    Returns:
+      ``cls`` (usable as a decorator below ``register_keras_serializable``).
+    """
+    _REGISTRY[keras.saving.get_registered_name(cls)] = cls
+    cls.__name__ = "quantized_bits"
+    return cls
+
+
+for _cls in list(_REGISTRY.values()):
+    register_quantizer(_cls)
 
 
 def get_quantizer(identifier):

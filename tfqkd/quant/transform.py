@@ -52,11 +52,14 @@ def custom_objects():
     """
     import qkeras.utils
 
+    from tfqkd.quant.dpu import dpu_custom_objects  # local: dpu builds on this module
+
     objects = {}
     qkeras.utils._add_supported_quantized_objects(objects)
     objects.update(quantized_layer_classes())
     for cls in (LearnedStepQuantizer, AffineQuantizer, Pof2Quantizer):
         objects[keras.saving.get_registered_name(cls)] = cls
+    objects.update(dpu_custom_objects())
     return objects
 
 
@@ -149,7 +152,8 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
     Args:
       model: functional or Sequential float Keras model.
       policy: preset name, YAML path, dict or QuantPolicy (see
-        :mod:`tfqkd.quant.policy`).
+        :mod:`tfqkd.quant.policy`). The ``dpu`` preset builds the DPU-exact
+        model of :func:`tfqkd.quant.dpu.quantize_for_dpu` (DPU variants only).
       calibration_data: one batch of inputs (array) or a tf.data.Dataset whose
         first batch is used; it initialises the activation intervals from the
         min-max of the float model's activations and decides which inputs are
@@ -167,6 +171,11 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
       TfqkdError: bad policy, model type or calibration data.
     """
     policy = resolve_policy(policy)
+    if policy.name == "dpu":
+        # The DPU preset is DPU-exact: BN folded, every written tensor on a power-of-two grid.
+        from tfqkd.quant.dpu import quantize_for_dpu
+
+        return quantize_for_dpu(model, calibration_data)
     model = _as_functional(model)
     layers = [(layer.name, type(layer).__name__) for layer in model.layers]
     specs = policy.resolve(layers, warn=warn_unused_rules)

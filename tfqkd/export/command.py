@@ -1,0 +1,147 @@
+"""``tfqkd export --target tflite RUN_DIR_OR_MODEL_FILE``: the TFLite half of the export command.
+
+The command-line module adds these options to its ``export`` sub-command
+with :func:`add_tflite_arguments` and calls :func:`run_tflite_export` for
+``--target tflite``. A recipe run directory (``config.yaml`` plus
+``models/*.h5``) exports its final quantized student (QKD, else
+self-studied, else post-training quantized) with the run's dataset for
+calibration and validation; a single model file needs ``--dataset``.
+"""
+
+from pathlib import Path
+
+import yaml
+
+from tfqkd.errors import TfqkdError
+
+__all__ = ["STUDENT_PREFERENCE", "add_tflite_arguments", "find_run_model", "run_tflite_export"]
+
+#: Which saved stage of a run is exported, best first (thesis table 5.14: QKD > SS > PTQ).
+STUDENT_PREFERENCE = ("student_qkd", "student_ss_ts", "student_ss", "student_ptq")
+_CALIBRATION_EXAMPLES = 512
+
+
+def add_tflite_arguments(parser):
+    """Adds the TFLite options to an ``export`` (sub)parser.
+
+    The caller owns ``--target`` and the positional ``source``
+    (RUN_DIR_OR_MODEL_FILE); these options are shared with nothing else.
+
+    Args:
+      parser: an ``argparse.ArgumentParser`` (or sub-parser).
+    """
+    group = parser.add_argument_group("TFLite (--target tflite)")
+    group.add_argument("--out", default=None, help="output directory (default: <run dir>/export, or next to the model file)")
+    group.add_argument(
+        "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
+    )
+    group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
+    group.add_argument("--dataset", default=None, help="calibration/evaluation dataset (default: the run's config.yaml)")
+    group.add_argument("--data-dir", default=None, help="prepared tfds data directory")
+    group.add_argument("--force", action="store_true", help="overwrite existing output files")
+    group.add_argument("--unsafe", action="store_true", help="allow model files with Lambda layers (they run code)")
+
+
+def find_run_model(run_dir):
+    """The model file and config of a recipe run directory.
+
+    Args:
+      run_dir: a directory with ``config.yaml`` and ``models/*.h5``.
+
+    Returns:
+      ``(model_path, config_dict)``.
+
+    Raises:
+      TfqkdError: no config or no quantized student in the directory.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise TfqkdError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TfqkdError(f"{config_path}: malformed YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise TfqkdError(f"{config_path}: expected a mapping")
+    for stem in STUDENT_PREFERENCE:
+        candidate = run_dir / "models" / f"{stem}.h5"
+        if candidate.is_file():
+            return candidate, config
+    raise TfqkdError(f"{run_dir}/models holds no quantized student ({', '.join(s + '.h5' for s in STUDENT_PREFERENCE)})")
+
+
+def run_tflite_export(args):
+    """Runs ``tfqkd export --target tflite`` with parsed arguments.
+
+    Writes ``<model>_<kind>.tflite`` for each kind, a
+    ``.validation.json`` next to each, and ``<model>_size.json``; prints a
+    short report.
+
+    Args:
+      args: namespace with ``source`` plus the options of :func:`add_tflite_arguments`.
+
+    Returns:
+      0 (the exit code).
+
+    Raises:
+      TfqkdError: any user-facing problem (missing files, existing outputs
+        without --force, unsafe model file, unsupported model).
+    """
+    import tfqkd.data as data
+    from tfqkd.export.size import size_report, write_size_report
+    from tfqkd.export.tflite import KINDS, to_tflite
+    from tfqkd.export.validate import format_report
+    from tfqkd.io import load_model
+
+    source = Path(args.source)
+    if source.is_dir():
+        model_path, config = find_run_model(source)
+        dataset = args.dataset or config.get("dataset")
+        data_dir = args.data_dir or config.get("data_dir")
+        out_dir = Path(args.out) if args.out else source / "export"
+    elif source.is_file():
+        model_path, dataset, data_dir = source, args.dataset, args.data_dir
+        out_dir = Path(args.out) if args.out else source.parent
+    else:
+        raise TfqkdError(f"no such run directory or model file: {source}")
+    if not dataset:
+        raise TfqkdError("no dataset for calibration and validation: pass --dataset (a model file has none)")
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    stem = model_path.stem
+    targets = {kind: out_dir / f"{stem}_{kind}.tflite" for kind in kinds}
+    size_path = out_dir / f"{stem}_size.json"
+    if not args.force:
+        existing = [str(p) for p in (*targets.values(), size_path) if p.exists()]
+        if existing:
+            raise TfqkdError(f"{existing[0]} exists; pass --force to overwrite")
+
+    model = load_model(model_path, unsafe=args.unsafe)
+    calibration = data.calibration_batch(
+        dataset, n=min(_CALIBRATION_EXAMPLES, data.dataset_info(dataset).train_size), data_dir=data_dir
+    )
+    evaluation = data.load_arrays(dataset, "test", data_dir=data_dir)
+    print(f"[tfqkd] exporting {model_path} ({', '.join(kinds)}) to {out_dir}", flush=True)
+    for kind in kinds:
+        result = to_tflite(
+            model,
+            targets[kind],
+            calibration_data=calibration,
+            kind=kind,
+            int8_io=not args.float_io,
+            evaluation=evaluation,
+            force=args.force,
+            unsafe=args.unsafe,
+        )
+        print(f"[tfqkd] {kind}: {result['path']} ({result['bytes']:,} bytes)")
+        print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)
+    report = size_report(model, {kind: path for kind, path in targets.items()})
+    write_size_report(report, size_path, force=True)
+    files = ", ".join(f"{label} {info['bytes']:,} B" for label, info in report["files"].items())
+    print(
+        f"[tfqkd] size: {report['parameters']:,} parameters; FP32 {report['fp32_mb']:.3f} MB, 8-bit "
+        f"{report['int8_mb']:.3f} MB, 4-bit {report['int4_mb']:.3f} MB; files: {files} -> {size_path}"
+    )
+    if "int8_to_float32" in report:
+        print(f"[tfqkd] int8/float32 bytes: {report['int8_to_float32']:.3f}")
+    return 0

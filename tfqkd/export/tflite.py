@@ -1,0 +1,224 @@
+"""TFLite export: full-integer int8 that keeps the trained grid, plus float32 / float16.
+
+SPEC section 6; thesis chapter 6 (deployment of the quantized student) and
+table 7.1 (the "QCPU" int8 row). The int8 model is converted from the twin
+built by :class:`tfqkd.export.integer_graph.IntegerGraph`: trained weight
+codes and activation steps are pinned with fake-quant nodes, the remaining
+float tensors get calibrated 8-bit ranges, and the converter runs with
+``TFLITE_BUILTINS_INT8`` only, so every operator between the input and the
+output is integer.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfqkd._keras import keras, tf
+from tfqkd.errors import TfqkdError
+from tfqkd.export.integer_graph import IntegerGraph
+
+__all__ = ["KINDS", "atomic_write", "calibration_batches", "convert", "to_tflite"]
+
+#: Export kinds: the integer model and the two float references.
+KINDS = ("int8", "float32", "float16")
+# Calibration images used at most (ranges of BN/concat/add/logit tensors).
+_MAX_CALIBRATION = 512
+_CALIBRATION_BATCH = 64
+
+
+def calibration_batches(calibration_data, limit=_MAX_CALIBRATION):
+    """Normalises calibration data to a list of float32 input batches.
+
+    Args:
+      calibration_data: an array ``(N, ...)`` of inputs, an ``(x, y)`` tuple,
+        or a ``tf.data.Dataset`` of batches (``x`` or ``(x, y, ...)``).
+      limit: use at most this many examples.
+
+    Returns:
+      list of float32 arrays of at most 64 examples each.
+
+    Raises:
+      TfqkdError: empty or malformed data.
+    """
+    if calibration_data is None:
+        raise TfqkdError("int8 export needs calibration_data (a few hundred training inputs)")
+    if isinstance(calibration_data, tf.data.Dataset):
+        parts, count = [], 0
+        for batch in calibration_data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = np.asarray(x, np.float32)
+            parts.append(x)
+            count += len(x)
+            if count >= limit:
+                break
+        x = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+    else:
+        if isinstance(calibration_data, tuple):
+            calibration_data = calibration_data[0]
+        x = np.asarray(calibration_data, np.float32)
+    x = x[:limit]
+    if x.ndim < 2 or len(x) == 0:
+        raise TfqkdError("calibration_data must hold at least one input example with a batch dimension")
+    return [x[i : i + _CALIBRATION_BATCH] for i in range(0, len(x), _CALIBRATION_BATCH)]
+
+
+def _check_input_shape(model, batches):
+    expected = tuple(model.inputs[0].shape[1:])
+    got = tuple(batches[0].shape[1:])
+    if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got)):
+        raise TfqkdError(f"calibration data has shape {got} per example, the model expects {expected}")
+
+
+def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=False):
+    """Converts a (quantized) Keras model to TFLite bytes.
+
+    Args:
+      model: functional Keras model, usually from :func:`tfqkd.quantize`.
+      calibration_data: inputs for the ranges of tensors the model keeps in
+        float (required for ``int8``).
+      kind: "int8" (full integer, trained grid kept), "float32" or "float16"
+        (weights stored as float16); the float kinds compute the trained
+        grids in float arithmetic, so they predict what the Keras model predicts.
+      int8_io: int8 only: int8 input and output tensors (True) or float32
+        with a QUANTIZE/DEQUANTIZE at the ends (False).
+      unsafe: allow Lambda layers.
+
+    Returns:
+      ``(tflite_bytes, graph)``: the flatbuffer and the
+      :class:`~tfqkd.export.integer_graph.IntegerGraph` it came from (its
+      ``activation_grids`` and ``weight_grids`` are the trained scales).
+
+    Raises:
+      TfqkdError: unsupported model, kind or data, or a converter failure.
+    """
+    if kind not in KINDS:
+        raise TfqkdError(f"unknown TFLite kind {kind!r}; use one of {', '.join(KINDS)}")
+    graph = IntegerGraph(model, unsafe=unsafe)
+    batches = None
+    if kind == "int8":
+        batches = calibration_batches(calibration_data)
+        _check_input_shape(model, batches)
+        graph.calibrate(batches)
+    integer = kind == "int8"
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="input")
+    # autograph off: the twin is plain Python over the layer graph, nothing to convert.
+    fn = tf.function(lambda x: graph(x, integer=integer), input_signature=[spec], autograph=False)
+    holder = tf.Module()
+    holder.fn = fn
+    try:
+        concrete = fn.get_concrete_function()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
+        if kind == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+            def representative():
+                for batch in batches:
+                    for i in range(len(batch)):
+                        yield [batch[i : i + 1]]
+
+            converter.representative_dataset = representative
+            # Only integer builtins: the conversion fails rather than leave a float op behind.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            io_type = tf.int8 if int8_io else tf.float32
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        elif kind == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert(), graph
+    except TfqkdError:
+        raise
+    except Exception as err:  # the converter raises ConverterError, RuntimeError, ValueError ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TfqkdError(f"TFLite {kind} conversion failed: {first[:300]}") from None
+
+
+def atomic_write(path, data, *, force=False):
+    """Writes bytes via a temporary file in the same directory and a rename.
+
+    Args:
+      path: destination.
+      data: bytes, or a callable returning bytes (run before anything is
+        written, so a failure leaves nothing behind).
+      force: replace an existing file.
+
+    Returns:
+      the destination ``Path``.
+
+    Raises:
+      TfqkdError: the destination exists and ``force`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise TfqkdError(f"{path} exists; pass --force (force=True) to overwrite it")
+    payload = data() if callable(data) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def to_tflite(
+    model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False
+):
+    """Exports a quantized Keras model to a .tflite file.
+
+    The int8 model is full-integer and reproduces the trained fake-quant
+    arithmetic: weights keep their trained integer codes (4-bit codes
+    -7..7 in int8 storage, scale = the learned step), activation quantizers
+    become int8 tensors whose scale is the trained step (zero point -128 for
+    unsigned), per layer, so mixed policies export layer by layer; a
+    BatchNormalization directly after a conv is folded into it.
+
+    Args:
+      model: functional Keras model (``tfqkd.quantize`` output or a float model).
+      out_path: destination .tflite file; written atomically.
+      calibration_data: training inputs (array, (x, y) or tf.data.Dataset) for
+        the ranges of tensors the model keeps in float; required for int8.
+      kind: "int8", "float32" or "float16".
+      int8_io: int8 input/output tensors (else float32 with QUANTIZE/DEQUANTIZE).
+      evaluation: optional ``(x, y)`` arrays: validate the file with the edge
+        runtime and write ``<out_path>.validation.json``.
+      force: overwrite an existing file.
+      unsafe: allow Lambda layers (they run code).
+
+    Returns:
+      dict with ``path``, ``kind``, ``bytes``, ``activation_scales`` (trained
+      steps of each activation quantizer), ``weight_scales`` and, with
+      ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
+
+    Raises:
+      TfqkdError: existing output without ``force``, unsupported model, bad
+        data or conversion failure; nothing is written then.
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise TfqkdError(f"{out_path} exists; pass --force (force=True) to overwrite it")
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            raise TfqkdError("the Sequential model must be built before export")
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    data, graph = convert(model, calibration_data=calibration_data, kind=kind, int8_io=int8_io, unsafe=unsafe)
+    atomic_write(out_path, data, force=force)
+    result = {
+        "path": str(out_path),
+        "kind": kind,
+        "int8_io": bool(int8_io) if kind == "int8" else False,
+        "bytes": out_path.stat().st_size,
+        "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
+        "weight_scales": {name: step for name, (step, _) in graph.weight_grids.items()},
+        "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
+    }
+    if evaluation is not None:
+        from tfqkd.export.validate import validate_tflite
+
+        result["validation"] = validate_tflite(out_path, model, evaluation, force=force)
+    return result

@@ -1,0 +1,587 @@
+"""The ``dpu`` training model: a QKeras twin whose forward pass is the Xilinx DPU's arithmetic.
+
+SPEC section 4 (DPU scheme) and thesis chapter 6: a student trained with QKD must see, during
+training, exactly the numbers the DPUCZDX8G will compute, or the board accuracy differs from the
+trained one. :func:`quantize_for_dpu` therefore rewrites a float model into the graph the
+Vitis-AI TF2 quantizer (``vai_q_tensorflow2``, ``pof2s`` strategy) hands to the compiler and
+simulates every rounding the DPU does:
+
+* BatchNormalization directly after a Conv2D / DepthwiseConv2D / Dense is folded into it at
+  quantization time (``W * gamma/sqrt(var+eps)`` per output channel,
+  ``b <- beta + (b - mean) * gamma/sqrt(var+eps)``); Dropout is removed;
+* kernels and biases are 8-bit power-of-two, round half to even (Vitis ``round_mode`` 0);
+* every tensor the DPU writes to memory (the network input, each conv/dense output after its
+  fused ReLU / ReLU6 / LeakyReLU(26/256), each pooling, Add and Multiply output) is 8-bit
+  power-of-two, round half up (``floor(x + 0.5)``, Vitis ``round_mode`` 1), by a
+  :class:`~tfqkd.quant.layers.QActivation` named ``<layer>_dpuq``;
+* average pooling is the DPU's ``sum * k / 2**n`` (:class:`DPUAveragePooling2D`; 3x3: 7/64,
+  5x5: 10/256, 6x6: 7/256, 7x7: 21/1024, 14x14: 21/4096, powers of two exact);
+* positions obey the DPU's limits: concatenation inputs and output share the minimum position,
+  pooling output position = input position, ``shift_cut = wpos + ipos - opos`` in [0, 16] and
+  ``shift_bias = wpos + ipos - bpos`` in ``[min(0, -(24 - (8 + shift_cut))), 16]``.
+
+Positions are not running statistics: they are non-trainable layer weights ``<role>_pos``
+(``kernel_pos``, ``bias_pos``, ``input_pos``), calibrated once by :func:`calibrate_dpu_positions`
+(from the weights and one batch of data, then adjusted to the limits) and kept fixed while
+training, as in Vitis-AI quantize-finetuning after calibration. The rounding has a
+straight-through gradient, so ``model.fit`` and :class:`tfqkd.QKD` train the model as usual.
+The exporter (:mod:`tfqkd.export.dpu`) reads these positions unchanged, which is what makes the
+trained model and the DPU emulator agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import qkeras
+
+from tfqkd._keras import keras, tf
+from tfqkd.errors import TfqkdError
+from tfqkd.quant import quantizers as _quantizers
+from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
+from tfqkd.quant.quantizers import TfqkdQuantizer
+
+__all__ = [
+    "AVGPOOL_FACTORS",
+    "DPUAveragePooling2D",
+    "DPUQuantizer",
+    "DPU_LEAKY_ALPHA",
+    "OUTPUT_QUANTIZER_SUFFIX",
+    "avgpool_factor",
+    "calibrate_dpu_positions",
+    "dpu_custom_objects",
+    "fold_batchnorm",
+    "is_dpu_model",
+    "quantize_for_dpu",
+]
+
+#: Suffix of the QActivation layers quantizing what the DPU writes to memory.
+OUTPUT_QUANTIZER_SUFFIX = "_dpuq"
+#: LeakyReLU slope the DPU implements (Vitis-AI ``convert_leaky_relu_to_dpu_version``).
+DPU_LEAKY_ALPHA = 26.0 / 256.0
+#: Average-pooling factors ``k -> (numerator, shift)``: the DPU computes ``sum * num / 2**shift``.
+AVGPOOL_FACTORS = {3: (7, 6), 5: (10, 8), 6: (7, 8), 7: (21, 10), 14: (21, 12)}
+_QMIN, _QMAX = -128, 127
+
+
+def avgpool_factor(kernel):
+    """The DPU's average-pooling multiplier for a square ``kernel x kernel`` window.
+
+    Args:
+      kernel: window side (the DPU only pools square windows).
+
+    Returns:
+      ``(num, shift)``: the DPU computes ``sum * num / 2**shift``. Powers of two windows are
+      exact (``(1, log2(k*k))``).
+
+    Raises:
+      TfqkdError: for a window the DPU has no factor for.
+    """
+    kernel = int(kernel)
+    area = kernel * kernel
+    if area & (area - 1) == 0:
+        return 1, area.bit_length() - 1
+    if kernel in AVGPOOL_FACTORS:
+        return AVGPOOL_FACTORS[kernel]
+    raise TfqkdError(
+        f"the DPU has no average-pooling factor for a {kernel}x{kernel} window "
+        f"(supported: powers of two and {', '.join(f'{k}x{k}' for k in sorted(AVGPOOL_FACTORS))})"
+    )
+
+
+def _round_half_up_ste(x):
+    return x + tf.stop_gradient(tf.floor(x + 0.5) - x)
+
+
+def _round_even_ste(x):
+    return x + tf.stop_gradient(tf.round(x) - x)
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="DPUQuantizer")
+class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
+    """8-bit power-of-two quantizer with a fixed position stored as a layer weight.
+
+    ``x_hat = clip(round(x * 2**pos), -128, 127) * 2**-pos`` with the DPU's rounding: half to
+    even for weights and biases, half up for activations (SPEC 4; Vitis-AI ``Pof2SQuantizer``,
+    ``vitis_quantize_ops.dpu_round``). The position is the owning layer's weight
+    ``<role>_pos`` (``kernel_pos``, ``bias_pos``, ``input_pos``), set by
+    :func:`calibrate_dpu_positions`; the straight-through estimator passes gradients inside the
+    representable range.
+
+    Args:
+      rounding: ``"even"`` (weights, bias) or ``"half_up"`` (activations).
+      initial_pos: position until calibrated.
+    """
+
+    kind = "pof2"
+
+    def __init__(self, bits=8, signed=True, narrow_range=False, rounding="half_up", initial_pos=4):
+        if bits != 8:
+            raise TfqkdError("the DPU quantizer is 8-bit only")
+        if rounding not in ("even", "half_up"):
+            raise TfqkdError(f"rounding must be 'even' or 'half_up', got {rounding!r}")
+        self._init_common(8, True, False)
+        self.rounding = rounding
+        self.initial_pos = int(initial_pos)
+        #: Calibration switch (eager only): pass values through unquantized.
+        self.bypass = False
+
+    def variable_specs(self):
+        return {"pos": (float(self.initial_pos), False)}
+
+    @property
+    def pos(self):
+        """The position weight (shape (1,))."""
+        return self.variable("pos")
+
+    def __call__(self, x, training=None):
+        x = tf.convert_to_tensor(x)
+        if self.bypass:
+            return x
+        pos = tf.stop_gradient(tf.cast(self.pos[0], x.dtype))
+        scaled = x * tf.pow(tf.constant(2.0, x.dtype), pos)
+        rounded = _round_even_ste(scaled) if self.rounding == "even" else _round_half_up_ste(scaled)
+        return tf.clip_by_value(rounded, float(_QMIN), float(_QMAX)) * tf.pow(tf.constant(2.0, x.dtype), -pos)
+
+    def initialize(self, values, method="minmax"):
+        """Sets the position so that ``max|values|`` does not overflow (Vitis ``method`` 0)."""
+        self.pos.assign([float(non_overflow_pos(values))])
+
+    def scale(self):
+        return tf.pow(2.0, -self.pos[0])
+
+    def max(self):
+        return float(_QMAX * 2.0**-self.initial_pos)
+
+    def min(self):
+        return float(_QMIN * 2.0**-self.initial_pos)
+
+    def __str__(self):
+        return f"dpu_pof2(8,{self.rounding})"
+
+    def get_config(self):
+        return {**super().get_config(), "rounding": self.rounding, "initial_pos": self.initial_pos}
+
+
+# Saved DPU models load with tfqkd.load_model, and QKeras' tools read the bits.
+_quantizers.register_quantizer(DPUQuantizer)
+
+
+def non_overflow_pos(values, qmax=_QMAX):
+    """Largest position with ``max|values| * 2**pos <= qmax`` (Vitis ``method`` 0).
+
+    Args:
+      values: array-like.
+      qmax: largest code.
+
+    Returns:
+      int position (8 for an all-zero tensor).
+    """
+    absmax = float(np.max(np.abs(np.asarray(values, dtype=np.float64)))) if np.size(values) else 0.0
+    if absmax <= 0.0:
+        return 8
+    return int(math.floor(math.log2(qmax / absmax)))
+
+
+def min_diff_pos(values, rounding="even"):
+    """Position minimising the squared quantization error, searched from the non-overflow
+    position upwards (Vitis ``method`` 1, ``get_quantize_pos_min_diffs``).
+
+    Args:
+      values: array-like.
+      rounding: "even" or "half_up".
+
+    Returns:
+      int position.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    start = non_overflow_pos(values)
+    best, best_err = start, None
+    for pos in range(start, start + 5):
+        scaled = values * 2.0**pos
+        rounded = np.round(scaled) if rounding == "even" else np.floor(scaled + 0.5)
+        err = float(np.sum((np.clip(rounded, _QMIN, _QMAX) * 2.0**-pos - values) ** 2))
+        if best_err is None or err < best_err:
+            best, best_err = pos, err
+    return best
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="DPUAveragePooling2D")
+class DPUAveragePooling2D(keras.layers.Layer):
+    """Average pooling as the DPU computes it: ``sum * num / 2**shift`` over the window.
+
+    Keras divides by ``k*k``; the DPU multiplies the window sum by a fixed-point factor
+    (SPEC 4; Vitis-AI ``VitisAveragePooling2D`` / ``VitisGlobalAveragePooling2D``). The sum is
+    computed exactly (a depthwise convolution with ones, or a reduction), so values on the
+    power-of-two grid stay exact in float32.
+
+    Args:
+      pool_size: square window side (ignored when ``global_pool``).
+      strides: stride (defaults to ``pool_size``).
+      global_pool: pool the whole feature map (``GlobalAveragePooling2D``), which must be square.
+      keepdims: keep the spatial dimensions (global pooling only).
+    """
+
+    def __init__(self, pool_size=2, strides=None, global_pool=False, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = int(pool_size if not isinstance(pool_size, (list, tuple)) else pool_size[0])
+        self.strides = int(self.pool_size if strides is None else (strides if not isinstance(strides, (list, tuple)) else strides[0]))
+        self.global_pool = bool(global_pool)
+        self.keepdims = bool(keepdims)
+
+    def build(self, input_shape):
+        if self.global_pool:
+            height, width = input_shape[1], input_shape[2]
+            if height is None or height != width:
+                raise TfqkdError(f"layer '{self.name}': the DPU pools square windows only, got {height}x{width}")
+            self.pool_size = int(height)
+        self.num, self.shift = avgpool_factor(self.pool_size)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        factor = self.num / float(2**self.shift)
+        if self.global_pool:
+            summed = tf.reduce_sum(inputs, axis=[1, 2], keepdims=self.keepdims)
+        else:
+            channels = inputs.shape[-1]
+            ones = tf.ones((self.pool_size, self.pool_size, channels, 1), dtype=inputs.dtype)
+            summed = tf.nn.depthwise_conv2d(inputs, ones, [1, self.strides, self.strides, 1], "VALID")
+        return summed * factor
+
+    def compute_output_shape(self, input_shape):
+        if self.global_pool:
+            return (input_shape[0], 1, 1, input_shape[3]) if self.keepdims else (input_shape[0], input_shape[3])
+        size = lambda n: None if n is None else (n - self.pool_size) // self.strides + 1  # noqa: E731
+        return (input_shape[0], size(input_shape[1]), size(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "pool_size": self.pool_size,
+            "strides": self.strides,
+            "global_pool": self.global_pool,
+            "keepdims": self.keepdims,
+        }
+
+
+def dpu_custom_objects():
+    """The DPU-specific objects; :func:`tfqkd.quant.custom_objects` includes them."""
+    return {
+        "DPUAveragePooling2D": DPUAveragePooling2D,
+        "tfqkd>DPUAveragePooling2D": DPUAveragePooling2D,
+        keras.saving.get_registered_name(DPUQuantizer): DPUQuantizer,
+    }
+
+
+def fold_batchnorm(kernel, bias, bn_weights, epsilon, depthwise=False):
+    """Folds a BatchNormalization into the preceding layer's kernel and bias.
+
+    ``W' = W * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = beta + (b - mean) * gamma / sqrt(var + eps)`` (SPEC 6; thesis 6.1).
+
+    Args:
+      kernel: conv ``(kh, kw, in, out)``, depthwise ``(kh, kw, in, mult)`` or dense ``(in, out)``.
+      bias: bias array or None (zeros).
+      bn_weights: dict with ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``.
+      epsilon: the BN epsilon.
+      depthwise: kernel is a depthwise kernel (output channel ``c * mult + m``).
+
+    Returns:
+      ``(kernel, bias)`` float32 arrays.
+    """
+    mean = np.asarray(bn_weights["moving_mean"], np.float64)
+    var = np.asarray(bn_weights["moving_variance"], np.float64)
+    gamma = np.asarray(bn_weights.get("gamma", np.ones_like(mean)), np.float64)
+    beta = np.asarray(bn_weights.get("beta", np.zeros_like(mean)), np.float64)
+    scale = gamma / np.sqrt(var + float(epsilon))
+    kernel = np.asarray(kernel, np.float64)
+    bias = np.zeros_like(mean) if bias is None else np.asarray(bias, np.float64)
+    if depthwise:
+        folded = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+    else:
+        folded = kernel * scale
+    return folded.astype(np.float32), (beta + (bias - mean) * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the DPU training model
+# --------------------------------------------------------------------------------------------
+
+_CONV_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
+_ACT_TYPES = ("ReLU", "LeakyReLU", "Activation")
+_PASS_TYPES = ("Flatten", "Reshape", "ZeroPadding2D", "UpSampling2D", "MaxPooling2D", "Concatenate", "Softmax")
+
+
+def _inbound(entry):
+    nodes = entry.get("inbound_nodes") or []
+    if not nodes:
+        return []
+    return [item[0] for item in nodes[0]]
+
+
+def _consumers(layers_cfg):
+    consumers = {}
+    for entry in layers_cfg:
+        for source in _inbound(entry):
+            consumers.setdefault(source, []).append(entry["name"])
+    return consumers
+
+
+def _act_kind(cls, config):
+    """DPU activation kind of an activation layer config, or None if not DPU-fusable."""
+    if cls == "ReLU":
+        if config.get("negative_slope", 0) not in (0, 0.0) or config.get("threshold", 0) not in (0, 0.0):
+            return None
+        max_value = config.get("max_value")
+        if max_value is None:
+            return "relu"
+        return "relu6" if float(max_value) == 6.0 else None
+    if cls == "LeakyReLU":
+        return "leaky_relu"
+    if cls == "Activation":
+        return {"relu": "relu", "relu6": "relu6", "linear": "linear"}.get(config.get("activation"))
+    return None
+
+
+def _act_layer(kind, name):
+    if kind == "relu":
+        return keras.layers.ReLU(name=name)
+    if kind == "relu6":
+        return keras.layers.ReLU(max_value=6.0, name=name)
+    return keras.layers.LeakyReLU(alpha=DPU_LEAKY_ALPHA, name=name)
+
+
+def _output_quantizer(name):
+    return QActivation(DPUQuantizer(rounding="half_up"), name=name + OUTPUT_QUANTIZER_SUFFIX)
+
+
+def _functional(model):
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            raise TfqkdError("the Sequential model must be built (give it an input shape) before quantizing")
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    if not getattr(model, "_is_graph_network", False):
+        raise TfqkdError("quantize_for_dpu() needs a functional or Sequential Keras model, not a subclassed one")
+    return model
+
+
+def is_dpu_model(model):
+    """Whether ``model`` was built by :func:`quantize_for_dpu` (has DPU quantizers)."""
+    return any(
+        isinstance(getattr(layer, "quantizer", None), DPUQuantizer)
+        or isinstance(getattr(layer, "kernel_quantizer_internal", None), DPUQuantizer)
+        for layer in model.layers
+    )
+
+
+def quantize_for_dpu(model, calibration_data=None, *, name=None):
+    """Builds the DPU-exact QKeras training model of a float Keras model.
+
+    Checks the model against the DPUCZDX8G (see :func:`tfqkd.export.dpu.compat.check_model`),
+    folds every BatchNormalization into the conv/dense before it, drops Dropout, fuses
+    ReLU / ReLU6 / LeakyReLU into the preceding conv/dense, replaces average pooling by the DPU's
+    fixed-point version and quantizes weights, biases and every tensor the DPU writes with fixed
+    8-bit power-of-two positions, then calibrates those positions (:func:`calibrate_dpu_positions`).
+
+    Args:
+      model: functional or Sequential float model (e.g. ``tfqkd.create_model("densenet21_dpu")``).
+      calibration_data: one batch of inputs (array, or a tf.data.Dataset whose first batch is
+        used) for the activation positions; without it activations start at position 4.
+      name: name of the new model (default: the float model's).
+
+    Returns:
+      a new functional keras.Model (the input model is unchanged) whose forward pass is the
+      DPU's arithmetic; train it with ``fit`` or :class:`tfqkd.QKD` and export it with
+      :func:`tfqkd.export.dpu.to_dpu`.
+
+    Raises:
+      TfqkdError: listing every layer the DPU cannot run, or for bad calibration data.
+    """
+    from tfqkd.export.dpu.compat import check_model
+
+    model = _functional(model)
+    report = check_model(model)
+    if not report.ok:
+        raise TfqkdError(report.one_line())
+    config = model.get_config()
+    layers_cfg = config["layers"]
+    consumers = _consumers(layers_cfg)
+    by_name = {entry["name"]: entry for entry in layers_cfg}
+
+    tensors = {}  # float-model layer name -> new tensor
+    folded_into = {}  # BN name -> conv name
+    fused_act = {}  # activation layer name -> conv name
+    weight_plan = []  # (new layer name, kernel, bias)
+    for entry in layers_cfg:
+        name_, cls, cfg = entry["name"], entry["class_name"], entry["config"]
+        inputs = [tensors[src] for src in _inbound(entry)]
+        if cls == "InputLayer":
+            shape = tuple(cfg["batch_input_shape"][1:])
+            inp = keras.Input(shape=shape, name=name_, dtype=cfg.get("dtype", "float32"))
+            tensors[name_] = inp
+            tensors[name_ + "__raw"] = inp
+            tensors[name_] = _output_quantizer(name_)(inp)
+            continue
+        if name_ in folded_into or name_ in fused_act:
+            continue  # already produced by its conv
+        if cls == "Dropout":
+            tensors[name_] = inputs[0]
+            continue
+        if cls in _CONV_TYPES:
+            layer = model.get_layer(name_)
+            weights = layer.get_weights()
+            kernel, bias = weights[0], (weights[1] if cfg.get("use_bias", True) and len(weights) > 1 else None)
+            last = name_
+            after = consumers.get(name_, [])
+            if len(after) == 1 and by_name[after[0]]["class_name"] == "BatchNormalization":
+                bn_name = after[0]
+                bn = model.get_layer(bn_name)
+                bn_w = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
+                kernel, bias = fold_batchnorm(kernel, bias, bn_w, bn.epsilon, depthwise=cls == "DepthwiseConv2D")
+                folded_into[bn_name] = name_
+                last = bn_name
+            if bias is None:
+                outputs_ = kernel.shape[2] * kernel.shape[3] if cls == "DepthwiseConv2D" else kernel.shape[-1]
+                bias = np.zeros(outputs_, np.float32)
+            conv_act = cfg.get("activation", "linear")
+            act_kind = {"linear": None, "relu": "relu", "relu6": "relu6", "softmax": "softmax"}[conv_act]
+            act_name = name_ + "_act"
+            after = consumers.get(last, [])
+            if act_kind is None and len(after) == 1:
+                nxt = by_name[after[0]]
+                kind = _act_kind(nxt["class_name"], nxt["config"])
+                if kind not in (None, "linear"):
+                    act_kind, act_name = kind, nxt["name"]
+                    fused_act[act_name] = name_
+            common = dict(
+                kernel_quantizer=DPUQuantizer(rounding="even"),
+                bias_quantizer=DPUQuantizer(rounding="even"),
+                use_bias=True,
+                name=name_,
+            )
+            if cls == "Conv2D":
+                new = QConv2D(
+                    cfg["filters"], cfg["kernel_size"], strides=cfg["strides"], padding=cfg["padding"],
+                    dilation_rate=cfg["dilation_rate"], **common,
+                )
+            elif cls == "DepthwiseConv2D":
+                common["depthwise_quantizer"] = common.pop("kernel_quantizer")
+                new = QDepthwiseConv2D(
+                    cfg["kernel_size"], strides=cfg["strides"], padding=cfg["padding"],
+                    depth_multiplier=cfg["depth_multiplier"], dilation_rate=cfg["dilation_rate"], **common,
+                )
+            else:
+                new = QDense(cfg["units"], **common)
+            y = new(inputs[0])
+            weight_plan.append((name_, kernel, bias))
+            if act_kind == "softmax":
+                y = _output_quantizer(name_)(y)
+                tensors[name_] = tensors[last] = keras.layers.Softmax(name=name_ + "_softmax")(y)
+                continue
+            if act_kind is not None:
+                y = _act_layer(act_kind, act_name)(y)
+            y = _output_quantizer(act_name if act_kind else name_)(y)
+            tensors[name_] = tensors[last] = y
+            if act_name in fused_act:
+                tensors[act_name] = y
+            continue
+        if cls in ("AveragePooling2D", "GlobalAveragePooling2D"):
+            if cls == "GlobalAveragePooling2D":
+                new = DPUAveragePooling2D(global_pool=True, keepdims=bool(cfg.get("keepdims", False)), name=name_)
+            else:
+                new = DPUAveragePooling2D(cfg["pool_size"][0], cfg["strides"][0], name=name_)
+            tensors[name_] = _output_quantizer(name_)(new(inputs[0]))
+            continue
+        if cls in ("Add", "Multiply"):
+            new = getattr(keras.layers, cls)(name=name_)
+            tensors[name_] = _output_quantizer(name_)(new(inputs))
+            continue
+        if cls in _PASS_TYPES:
+            new = keras.layers.deserialize({"class_name": cls, "config": dict(cfg)})
+            tensors[name_] = new(inputs if cls == "Concatenate" else inputs[0])
+            continue
+        if cls == "Activation" and cfg.get("activation") == "linear":
+            tensors[name_] = inputs[0]
+            continue
+        raise TfqkdError(f"layer '{name_}' ({cls}) is not supported by the DPU exporter")
+
+    outputs = [tensors[item[0]] for item in config["output_layers"]]
+    inputs = [tensors[item[0] + "__raw"] for item in config["input_layers"]]
+    dpu_model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=name or model.name)
+    for layer_name, kernel, bias in weight_plan:
+        layer = dpu_model.get_layer(layer_name)
+        current = layer.get_weights()
+        layer.set_weights([kernel, bias] + current[2:])
+    calibrate_dpu_positions(dpu_model, calibration_data)
+    return dpu_model
+
+
+def _calibration_batch(data, max_examples=256):
+    if data is None:
+        return None
+    if isinstance(data, tf.data.Dataset):
+        for batch in data.take(1):
+            return np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)[:max_examples]
+    return np.asarray(data)[:max_examples]
+
+
+def calibrate_dpu_positions(model, calibration_data=None):
+    """(Re)computes every position of a DPU training model and enforces the DPU's limits.
+
+    Weights and biases get the position with the least squared error (Vitis ``method`` 1);
+    activations the non-overflow position of the float activations of ``calibration_data``;
+    then concatenation groups share their minimum, pooling keeps its input position and the
+    kernel/bias positions are moved into the shift limits
+    (:func:`tfqkd.export.dpu.positions.solve_positions`).
+
+    Args:
+      model: a model from :func:`quantize_for_dpu`.
+      calibration_data: one batch of inputs, a tf.data.Dataset, or None to keep the current
+        activation positions.
+
+    Returns:
+      dict node name -> positions, as assigned.
+
+    Raises:
+      TfqkdError: not a DPU model, or calibration data that does not fit.
+    """
+    from tfqkd.export.dpu.graph import graph_from_dpu_model
+    from tfqkd.export.dpu.positions import solve_positions
+
+    if not is_dpu_model(model):
+        raise TfqkdError("calibrate_dpu_positions() needs a model built by quantize_for_dpu()")
+    graph = graph_from_dpu_model(model, read_positions=False)
+    batch = _calibration_batch(calibration_data)
+    act_absmax = {}
+    if batch is not None:
+        quantizers = [getattr(layer, "quantizer", None) for layer in model.layers]
+        quantizers = [q for q in quantizers if isinstance(q, DPUQuantizer)]
+        probes = {node.name: model.get_layer(node.out_layer).output for node in graph.nodes if node.out_layer}
+        for q in quantizers:
+            q.bypass = True
+        try:
+            values = keras.Model(model.inputs, list(probes.values()))(batch, training=False)
+        except (ValueError, TypeError) as err:
+            raise TfqkdError(f"calibration data does not fit the model input: {str(err).splitlines()[0]}") from None
+        finally:
+            for q in quantizers:
+                q.bypass = False
+        values = values if isinstance(values, (list, tuple)) else [values]
+        act_absmax = {n: float(np.max(np.abs(np.asarray(v)))) for n, v in zip(probes, values)}
+    current = {
+        node.name: int(model.get_layer(node.out_layer).quantizer.pos.numpy()[0])
+        for node in graph.nodes
+        if node.out_layer
+    }
+    solved = solve_positions(graph, act_absmax=act_absmax, act_default=current)
+    for node in graph.nodes:
+        pos = solved[node.name]
+        if node.out_layer:
+            model.get_layer(node.out_layer).quantizer.pos.assign([float(pos["output"])])
+        if node.op in ("conv2d", "depthwise_conv2d", "dense"):
+            layer = model.get_layer(node.name)
+            wq = layer.depthwise_quantizer_internal if node.op == "depthwise_conv2d" else layer.kernel_quantizer_internal
+            wq.pos.assign([float(pos["kernel"])])
+            layer.bias_quantizer_internal.pos.assign([float(pos["bias"])])
+    return solved
