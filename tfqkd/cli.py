@@ -1,5 +1,5 @@
 """The ``tfqkd`` command line: ``tfqkd models``, ``tfqkd train RECIPE ...``, ``tfqkd export``,
-``tfqkd analyze``.
+``tfqkd analyze``, ``tfqkd bench``.
 
 Errors caused by the user (unknown model, bad bits, malformed recipe or
 policy, unreadable file) print one line ``tfqkd: error: ...`` on stderr and
@@ -132,6 +132,12 @@ def build_parser():
     analyze = sub.add_parser("analyze", help="layerwise weight/activation statistics, SQNR, histograms")
     add_analyze_arguments(analyze)
     analyze.set_defaults(func=run_analyze)
+
+    from tfqkd.bench.command import add_bench_arguments, run_bench
+
+    bench = sub.add_parser("bench", help="latency, throughput and energy of Keras FP32 and TFLite FP32/FP16/int8")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
     return parser
 
 
