@@ -20,6 +20,8 @@ from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
 from tfqkd.export import float_ops, read_tflite, size_report, to_tflite, weight_codes_per_channel
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export
+from tfqkd.export.inspect import load_interpreter
+from tfqkd.quant.layers import QConv2D, QDense
 
 _WEIGHTED_OPS = ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D")
 
@@ -66,18 +68,21 @@ def _train(model, x, y, steps, lr):
 _TRAINED = {}
 
 
-def _trained(name, policy, mnist):
+def _trained(name, policy, mnist, integer_intermediates=False):
     """A float model trained briefly, then quantized and fine-tuned (QAT), cached per module."""
-    key = (name, policy)
+    key = (name, policy, integer_intermediates)
     if key not in _TRAINED:
         x_train, y_train = mnist[0], mnist[1]
         keras.utils.set_random_seed(0)
         if name == "small_densenet":
             float_model, steps = _small_densenet(), 180
+        elif name == "densenet21":
+            # Two epochs of float training, one of QAT (the issue's densenet21 check).
+            float_model, steps = tfqkd.create_model(name, num_classes=10, input_shape=(28, 28, 1)), 158
         else:
             float_model, steps = tfqkd.create_model(name, num_classes=10, input_shape=(28, 28, 1)), 120
         _train(float_model, x_train, y_train, steps, 2e-3)
-        quantized = tfqkd.quantize(float_model, policy, x_train[:256])
+        quantized = tfqkd.quantize(float_model, policy, x_train[:256], integer_intermediates=integer_intermediates)
         _TRAINED[key] = _train(quantized, x_train, y_train, steps // 2, 2e-4)
     return _TRAINED[key]
 
@@ -86,15 +91,27 @@ def _trained(name, policy, mnist):
     "name",
     [
         "kl_mlp_student",
-        # Not yet at 99.5% after a few training steps (see the issue note): kept as a slow check.
+        # Plain QAT models keep BN/concat/pool tensors in float, which int8 cannot: see the
+        # integer_intermediates variants below; kept as slow measurements.
         pytest.param("small_densenet", marks=pytest.mark.slow),
         pytest.param("densenet21", marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
 def test_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
+    _check_agreement(tmp_path, mnist, name, policy, integer_intermediates=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["small_densenet", "densenet21"])
+@pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
+def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
+    _check_agreement(tmp_path, mnist, name, policy, integer_intermediates=True)
+
+
+def _check_agreement(tmp_path, mnist, name, policy, integer_intermediates):
     x_train, _, x_test, y_test = mnist
-    model = _trained(name, policy, mnist)
+    model = _trained(name, policy, mnist, integer_intermediates)
     out = tmp_path / f"{name}_{policy}.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:512], kind="int8", evaluation=(x_test, y_test))
     report = result["validation"]
@@ -111,7 +128,7 @@ def test_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
     assert all(t["dtype"] in ("int8", "int32") for t in info["tensors"].values()), "float tensor in an int8-io model"
     assert {info["tensors"][i]["dtype"] for i in info["inputs"] + info["outputs"]} == {"int8"}
 
-    if policy == "w4a4":
+    if policy == "w4a4" and not integer_intermediates:
         _check_trained_grid(info, result)
 
 
@@ -164,6 +181,65 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist, policy
         _check_trained_grid(info, result)
 
 
+def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
+    """quantize(integer_intermediates=True): the int8 file computes the Keras model's codes.
+
+    BN inputs are 8-bit learned-step tensors, so each BN -> ReLU -> quantizer is one
+    exact per-channel requantization (a 1x1 DEPTHWISE_CONV_2D, no MUL/ADD), and the
+    transition's 1x1 conv -> average pool is computed pool-first without rounding.
+    """
+    x_train, _, x_test, y_test = mnist
+    keras.utils.set_random_seed(1)
+    float_model = _small_densenet()
+    plain = tfqkd.quantize(float_model, "w4a4", x_train[:128])
+    model = tfqkd.quantize(float_model, "w4a4", x_train[:128], integer_intermediates=True)
+    q8 = sorted(layer.name for layer in model.layers if layer.name.endswith("_q8"))
+    assert q8 == sorted(
+        ["stem_conv_q8", "l1_concat_q8", "l1_conv1_q8", "t_pool_q8", "l2_concat_q8", "l2_conv1_q8", "head_relu_q8"]
+    )
+    assert {model.get_layer(n).quantizer.bits for n in q8} == {8}
+    # Opt-in: the default transform is unchanged.
+    assert [layer.name for layer in plain.layers] == [l.name for l in model.layers if not l.name.endswith("_q8")]
+    out = tmp_path / "exact.tflite"
+    result = to_tflite(model, out, calibration_data=x_train[:128])
+    info = read_tflite(out)
+    assert float_ops(info) == []
+    ops = [op["op"] for op in info["ops"]]
+    assert "MUL" not in ops and "ADD" not in ops and "AVERAGE_POOL_2D" not in ops
+    assert ops.count("DEPTHWISE_CONV_2D") == 7  # 6 BN requantizations + 1 sum pool
+    weighted = [op for op in info["ops"] if op["op"] in ("CONV_2D", "FULLY_CONNECTED")]
+    steps = [g for n, g in result["activation_scales"].items() if not n.endswith("_q8")]
+    for op in weighted:
+        act = info["tensors"][op["inputs"][0]]
+        assert any(np.isclose(act["scales"][0], s, rtol=1e-5) for s in steps), act
+        assert max(weight_codes_per_channel(info, op["inputs"][1])) <= 16
+        assert np.abs(info["_interpreter"].get_tensor(op["inputs"][1]).astype(int)).max() <= 7
+    # The 4-bit codes entering every conv / dense layer are the Keras model's codes.
+    x = x_test[:100]
+    interpreter, _ = load_interpreter(out, preserve_all_tensors=True)
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    scale, zero = inp["quantization"]
+    scaled = x / scale
+    codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + zero
+    interpreter.set_tensor(inp["index"], np.clip(codes, -128, 127).astype(np.int8))
+    interpreter.invoke()
+    names = [layer.name for layer in model.layers if isinstance(layer, (QConv2D, QDense))]
+    probe = keras.Model(model.inputs, [model.get_layer(n + "_qin").output for n in names])
+    compared = 0
+    for name, op, keras_value in zip(names, weighted, probe(x, training=False)):
+        tensor = info["tensors"][op["inputs"][0]]
+        lite = interpreter.get_tensor(op["inputs"][0]).astype(np.int64) - tensor["zero_points"][0]
+        keras_codes = np.rint(np.asarray(keras_value, np.float64) / tensor["scales"][0])
+        if keras_codes.size != lite.size:
+            assert name == "t_conv"  # computed pool-first: its input is the pooled sum
+            continue
+        np.testing.assert_array_equal(keras_codes.reshape(lite.shape), lite, err_msg=name)
+        compared += 1
+    assert compared == len(names) - 1
+
+
 def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist):
     x_train, _, x_test, y_test = mnist
     model = _trained("kl_mlp_student", "w4a4", mnist)
@@ -189,7 +265,12 @@ def test_float_exports_match_keras_model(tmp_path, mnist):
     assert half["accuracy_difference"] <= 0.5
 
 
-@pytest.mark.xfail(strict=False, reason="measured 0.272-0.273 (10 and 100 classes): per-channel scales, int32 biases and BN constants")
+@pytest.mark.xfail(
+    strict=False,
+    reason="0.2714 after the lossless compaction (names, unused tensors, duplicate buffers): the per-channel scales "
+    "and zero points of the BN-folded convs (int64 zero points, 2x128x8 layers, ~25.6 KB) alone are 1.6% of the float32 "
+    "file; trained w8a8: 0.2746",
+)
 def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist):
     x_train = mnist[0]
     float_model = tfqkd.create_model("densenet21", num_classes=10, input_shape=(28, 28, 1))
@@ -267,6 +348,7 @@ def test_lambda_model_file_is_refused_unless_unsafe(tmp_path, mnist):
 
 
 def test_command_exports_run_directory(tmp_path, mnist, capsys):
+    keras.utils.set_random_seed(0)  # independent of the tests run before it
     float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
     model = _train(tfqkd.quantize(_train(float_model, mnist[0], mnist[1], 120, 2e-3), "w4a4", mnist[0][:256]), mnist[0], mnist[1], 60, 2e-4)
     run = tmp_path / "run"

@@ -17,6 +17,7 @@ import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.export.compact import compact_tflite
 from tfqkd.export.integer_graph import IntegerGraph
 
 __all__ = ["KINDS", "atomic_write", "calibration_batches", "convert", "to_tflite"]
@@ -127,12 +128,14 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
         elif kind == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
-        return converter.convert(), graph
+        data = converter.convert()
     except TfqkdError:
         raise
     except Exception as err:  # the converter raises ConverterError, RuntimeError, ValueError ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TfqkdError(f"TFLite {kind} conversion failed: {first[:300]}") from None
+    # Same lossless clean-up for every kind (names, unused tensors, duplicate buffers).
+    return compact_tflite(data), graph
 
 
 def atomic_write(path, data, *, force=False):

@@ -41,6 +41,7 @@ from tfqkd.errors import TfqkdError
 from tfqkd.quant import quantizers as _quantizers
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
 from tfqkd.quant.quantizers import TfqkdQuantizer
+from tfqkd.quant.transform import as_functional, first_batch
 
 __all__ = [
     "AVGPOOL_FACTORS",
@@ -356,16 +357,6 @@ def _output_quantizer(name):
     return QActivation(DPUQuantizer(rounding="half_up"), name=name + OUTPUT_QUANTIZER_SUFFIX)
 
 
-def _functional(model):
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise TfqkdError("the Sequential model must be built (give it an input shape) before quantizing")
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    if not getattr(model, "_is_graph_network", False):
-        raise TfqkdError("quantize_for_dpu() needs a functional or Sequential Keras model, not a subclassed one")
-    return model
-
-
 def is_dpu_model(model):
     """Whether ``model`` was built by :func:`quantize_for_dpu` (has DPU quantizers)."""
     return any(
@@ -400,7 +391,7 @@ def quantize_for_dpu(model, calibration_data=None, *, name=None):
     """
     from tfqkd.export.dpu.compat import check_model
 
-    model = _functional(model)
+    model = as_functional(model, "quantize_for_dpu()")
     report = check_model(model)
     if not report.ok:
         raise TfqkdError(report.one_line())
@@ -517,15 +508,6 @@ def quantize_for_dpu(model, calibration_data=None, *, name=None):
     return dpu_model
 
 
-def _calibration_batch(data, max_examples=256):
-    if data is None:
-        return None
-    if isinstance(data, tf.data.Dataset):
-        for batch in data.take(1):
-            return np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)[:max_examples]
-    return np.asarray(data)[:max_examples]
-
-
 def calibrate_dpu_positions(model, calibration_data=None):
     """(Re)computes every position of a DPU training model and enforces the DPU's limits.
 
@@ -552,7 +534,7 @@ def calibrate_dpu_positions(model, calibration_data=None):
     if not is_dpu_model(model):
         raise TfqkdError("calibrate_dpu_positions() needs a model built by quantize_for_dpu()")
     graph = graph_from_dpu_model(model, read_positions=False)
-    batch = _calibration_batch(calibration_data)
+    batch = first_batch(calibration_data)
     act_absmax = {}
     if batch is not None:
         quantizers = [getattr(layer, "quantizer", None) for layer in model.layers]

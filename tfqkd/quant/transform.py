@@ -24,6 +24,9 @@ from tfqkd.quant.quantizers import AffineQuantizer, LearnedStepQuantizer, Pof2Qu
 
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX",
+    "INTERMEDIATE_QUANTIZER_SUFFIX",
+    "as_functional",
+    "first_batch",
     "custom_objects",
     "is_quantized",
     "layer_specs",
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 INPUT_QUANTIZER_SUFFIX = "_qin"
+#: Suffix of the 8-bit quantizers ``quantize(..., integer_intermediates=True)`` inserts.
+INTERMEDIATE_QUANTIZER_SUFFIX = "_q8"
 _Q_CLASS = {"Conv2D": "QConv2D", "DepthwiseConv2D": "QDepthwiseConv2D", "Dense": "QDense"}
 _WEIGHT_QUANTIZER_KEY = {"Conv2D": "kernel_quantizer", "DepthwiseConv2D": "depthwise_quantizer", "Dense": "kernel_quantizer"}
 # Layers whose output is non-negative when their inputs are (sign propagation).
@@ -100,13 +105,25 @@ def make_input_quantizer(spec, signed):
     return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
 
 
-def _as_functional(model):
+def as_functional(model, what="quantize()"):
+    """The functional form of a Sequential or functional model (config rewriting needs it).
+
+    Args:
+      model: a Keras model.
+      what: the caller, named in the error.
+
+    Returns:
+      a functional keras.Model sharing ``model``'s layers.
+
+    Raises:
+      TfqkdError: unbuilt Sequential or subclassed model.
+    """
     if isinstance(model, keras.Sequential):
         if not model.built:
             raise TfqkdError("the Sequential model must be built (give it an input shape) before quantizing")
         return keras.Model(model.inputs, model.outputs, name=model.name)
     if not getattr(model, "_is_graph_network", False):
-        raise TfqkdError("quantize() needs a functional or Sequential Keras model, not a subclassed one")
+        raise TfqkdError(f"{what} needs a functional or Sequential Keras model, not a subclassed one")
     return model
 
 
@@ -137,7 +154,8 @@ def _single_input(layer):
     return layer.input
 
 
-def _calibration_batch(calibration_data, max_examples=256):
+def first_batch(calibration_data, max_examples=256):
+    """Up to ``max_examples`` inputs from an array or a dataset's first ``(x, ...)`` batch (or None)."""
     if calibration_data is None:
         return None
     if isinstance(calibration_data, tf.data.Dataset):  # batches of (x, ...)
@@ -146,7 +164,47 @@ def _calibration_batch(calibration_data, max_examples=256):
     return np.asarray(calibration_data)[:max_examples]
 
 
-def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn_unused_rules=True):
+def _intermediate_sources(model, specs):
+    """Tensors an int8 runtime must hold with a scale of its own (for ``integer_intermediates``).
+
+    The input of every BatchNormalization (pre-activation BN after a concat,
+    the stem or a pooling layer, and also a BN right after a conv: folding
+    it would leave its offset as an int32 bias on a grid the float model
+    does not share, which moves low-bit codes), and the input of every
+    GlobalAveragePooling2D. Returns ``{producer layer name: signed}`` for
+    producers with a single output, when the policy quantizes activations.
+    """
+    if not any(spec.activation_bits is not None for spec in specs.values()):
+        return {}
+    consumers = {}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for inbound in tf.nest.flatten(node.input_tensors):
+                consumers.setdefault(id(inbound), []).append(layer)
+    sources = {}
+    for layer in model.layers:
+        cls = type(layer).__name__
+        if cls not in ("BatchNormalization", "GlobalAveragePooling2D") or len(layer._inbound_nodes) != 1:
+            continue
+        tensor = layer.input
+        if isinstance(tensor, (list, tuple)):
+            continue
+        producer = _producer(tensor)
+        if isinstance(producer, keras.layers.InputLayer) or len(producer._inbound_nodes) != 1:
+            continue
+        sources[producer.name] = not _is_non_negative(tensor)
+    return sources
+
+
+def quantize(
+    model,
+    policy="w8a8",
+    calibration_data=None,
+    *,
+    init="minmax",
+    warn_unused_rules=True,
+    integer_intermediates=False,
+):
     """Returns the quantized QKeras twin of a float model.
 
     Args:
@@ -162,6 +220,14 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
       init: step initialisation of the learned-step quantizers, "minmax"
         (QKD Algorithm 1) or "lsq" (Esser et al. 2020).
       warn_unused_rules: warn about policy rules that match no layer.
+      integer_intermediates: also quantize, at 8 bits with a learned step, the
+        tensors a full-integer runtime must store at 8 bits although the
+        float model keeps them in float: the input of each BatchNormalization
+        (concat, stem, pooling and conv outputs in a pre-activation DenseNet)
+        and of each global average pool. A layer
+        ``<producer>_q8`` is inserted after each such producer, so the trained
+        model computes what the int8 TFLite export computes (opt-in; off by
+        default).
 
     Returns:
       a new functional keras.Model; the input model is not modified. For the
@@ -176,22 +242,28 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
         from tfqkd.quant.dpu import quantize_for_dpu
 
         return quantize_for_dpu(model, calibration_data)
-    model = _as_functional(model)
+    model = as_functional(model)
     layers = [(layer.name, type(layer).__name__) for layer in model.layers]
     specs = policy.resolve(layers, warn=warn_unused_rules)
 
-    batch = _calibration_batch(calibration_data)
+    intermediates = _intermediate_sources(model, specs) if integer_intermediates else {}
+    batch = first_batch(calibration_data)
     probe_values = {}
+    intermediate_values = {}
     if batch is not None and specs:
         probe_names = [name for name in specs if specs[name].activation_bits is not None]
         if probe_names:
             inputs = [_single_input(model.get_layer(name)) for name in probe_names]
+            inputs += [model.get_layer(name).output for name in intermediates]
             try:
                 outputs = keras.Model(model.inputs, inputs)(batch, training=False)
             except (ValueError, TypeError) as err:
                 raise TfqkdError(f"calibration data does not fit the model input: {str(err).splitlines()[0]}") from None
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             probe_values = {name: np.asarray(value) for name, value in zip(probe_names, outputs)}
+            intermediate_values = {
+                name: np.asarray(value) for name, value in zip(intermediates, outputs[len(probe_names) :])
+            }
 
     config = copy.deepcopy(model.get_config())
     new_layers = []
@@ -237,6 +309,8 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
         entry.pop("module", None)
         entry.pop("registered_name", None)
         new_layers.append(entry)
+    if intermediates:
+        new_layers = _insert_intermediate_quantizers(new_layers, intermediates, specs)
     config["layers"] = new_layers
     config["name"] = f"{model.name}"
 
@@ -252,7 +326,46 @@ def quantize(model, policy="w8a8", calibration_data=None, *, init="minmax", warn
     for qin_name, target in input_quantizers.items():
         if target in probe_values:
             qmodel.get_layer(qin_name).quantizer.initialize(probe_values[target], method=init)
+    for name, values in intermediate_values.items():
+        # Min-max (not LSQ's mean-based init): an 8-bit intermediate should not clip.
+        qmodel.get_layer(name + INTERMEDIATE_QUANTIZER_SUFFIX).quantizer.initialize(values, method="minmax")
     return qmodel
+
+
+def _insert_intermediate_quantizers(layers, intermediates, specs):
+    """Puts ``<producer>_q8`` (8-bit learned step) after each producer and re-wires its consumers."""
+    kinds = {spec.kind for spec in specs.values()}
+    kind = kinds.pop() if len(kinds) == 1 else "lsq"
+    renamed = {name: name + INTERMEDIATE_QUANTIZER_SUFFIX for name in intermediates}
+
+    def rewire(value):
+        if isinstance(value, list):
+            if len(value) >= 3 and isinstance(value[0], str) and value[0] in renamed and isinstance(value[1], int):
+                return [renamed[value[0]], *value[1:]]
+            return [rewire(v) for v in value]
+        return value
+
+    result = []
+    for entry in layers:
+        entry["inbound_nodes"] = rewire(entry["inbound_nodes"])
+        result.append(entry)
+        name = entry["name"]
+        if name in intermediates:
+            quantizer = make_input_quantizer(QuantSpec(8, 8, 32, kind), intermediates[name])
+            result.append(
+                {
+                    "class_name": "QActivation",
+                    "name": renamed[name],
+                    "config": {
+                        "name": renamed[name],
+                        "trainable": True,
+                        "dtype": entry["config"].get("dtype", "float32"),
+                        "activation": keras.utils.serialize_keras_object(quantizer),
+                    },
+                    "inbound_nodes": [[[name, 0, 0, {}]]],
+                }
+            )
+    return result
 
 
 def _weight_quantizers(layer):
