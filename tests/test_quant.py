@@ -297,3 +297,15 @@ def test_quantized_layers_train_steps():
     qmodel.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qmodel.fit(data, labels, epochs=2, batch_size=8, verbose=0)
     assert qmodel.get_layer("dw_qin").quantizer.step.numpy()[0] != before[0]
+
+
+def test_policy_flag_turns_on_integer_intermediates():
+    policy = QuantPolicy.from_dict({"default": {"weight_bits": 4, "activation_bits": 4}, "integer_intermediates": True})
+    assert QuantPolicy.from_dict(policy.to_dict()).integer_intermediates
+    qmodel = quantize(_small_cnn(), policy)
+    # The stem conv's output feeds a BN and relu2's feeds the global pool: int8 tensors in TFLite.
+    assert [layer.name for layer in qmodel.layers if layer.name.endswith("_q8")] == ["stem_conv_q8", "relu2_q8"]
+    plain = quantize(_small_cnn(), "w4a4")
+    assert not any(layer.name.endswith("_q8") for layer in plain.layers)
+    with pytest.raises(TfqkdError, match="integer_intermediates"):
+        QuantPolicy.from_dict({"integer_intermediates": "yes"})

@@ -7,6 +7,7 @@ a dict or YAML and prints as a table::
 
     default: {weight_bits: 4, activation_bits: 4, kind: lsq}
     first_last_bits: 8          # optional: first and last layer at 8 bits
+    integer_intermediates: true # optional: train for an exact int8 TFLite export
     rules:
       - {match: "head_*", weight_bits: 8, activation_bits: 8}
       - {layer_type: DepthwiseConv2D, weight_bits: 8}
@@ -154,16 +155,23 @@ class QuantPolicy:
       first_last_bits: if set, the first and last quantizable layers use this
         many weight and activation bits (the common "8-bit ends" recipe).
       name: preset or file name, for display.
+      integer_intermediates: also train 8-bit quantizers on the tensors a
+        full-integer runtime stores (BN and global-pool inputs), so the int8
+        TFLite export reproduces the trained model exactly
+        (see :func:`tfqkd.quant.quantize`).
     """
 
     default: QuantSpec | None = QuantSpec()
     rules: tuple = ()
     first_last_bits: int | None = None
     name: str = "custom"
+    integer_intermediates: bool = False
 
     def __post_init__(self):
         if self.first_last_bits is not None:
             validate_bits(self.first_last_bits, "first_last_bits")
+        if not isinstance(self.integer_intermediates, bool):
+            raise TfqkdError(f"integer_intermediates must be true or false, got {self.integer_intermediates!r}")
 
     @property
     def is_float(self):
@@ -178,7 +186,7 @@ class QuantPolicy:
           data: mapping with optional keys ``default`` (mapping of QuantSpec
             fields, or null for float), ``rules`` (list of mappings with
             ``match`` and/or ``layer_type`` plus QuantSpec fields),
-            ``first_last_bits`` and ``name``.
+            ``first_last_bits``, ``integer_intermediates`` and ``name``.
           name: name used when ``data`` has none.
 
         Returns:
@@ -189,7 +197,7 @@ class QuantPolicy:
         """
         if not isinstance(data, dict):
             raise TfqkdError(f"a quantization policy must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"default", "rules", "first_last_bits", "name"}
+        unknown = set(data) - {"default", "rules", "first_last_bits", "name", "integer_intermediates"}
         if unknown:
             raise TfqkdError(f"policy: unknown key(s) {', '.join(sorted(unknown))}")
         default = data.get("default", {})
@@ -209,7 +217,13 @@ class QuantPolicy:
             match, layer_type = rule.pop("match", None), rule.pop("layer_type", None)
             _spec_from_mapping(rule, base, f"policy rule {i}")  # validates the values
             rules.append(Rule(match, layer_type, tuple(sorted(rule.items()))))
-        return cls(default, tuple(rules), data.get("first_last_bits"), str(data.get("name", name)))
+        return cls(
+            default,
+            tuple(rules),
+            data.get("first_last_bits"),
+            str(data.get("name", name)),
+            data.get("integer_intermediates", False),
+        )
 
     @classmethod
     def from_yaml(cls, path):
@@ -245,6 +259,8 @@ class QuantPolicy:
         out = {"name": self.name, "default": None if self.default is None else self.default.to_dict()}
         if self.first_last_bits is not None:
             out["first_last_bits"] = self.first_last_bits
+        if self.integer_intermediates:
+            out["integer_intermediates"] = True
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 

@@ -237,7 +237,7 @@ def quantize(
       TfqkdError: bad policy, model type or calibration data.
     """
     policy = resolve_policy(policy)
-    if policy.name == "dpu":
+    if policy == resolve_policy("dpu"):
         # The DPU preset is DPU-exact: BN folded, every written tensor on a power-of-two grid.
         from tfqkd.quant.dpu import quantize_for_dpu
 
@@ -246,6 +246,7 @@ def quantize(
     layers = [(layer.name, type(layer).__name__) for layer in model.layers]
     specs = policy.resolve(layers, warn=warn_unused_rules)
 
+    integer_intermediates = integer_intermediates or policy.integer_intermediates
     intermediates = _intermediate_sources(model, specs) if integer_intermediates else {}
     batch = first_batch(calibration_data)
     probe_values = {}
