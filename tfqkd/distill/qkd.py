@@ -272,6 +272,9 @@ class QKD(keras.Model):
             # sees; sharing one between two networks fails or mixes momenta.
             raise TfqkdError("student and teacher need two optimizer instances, got the same object twice")
         super().compile(optimizer=optimizer, **kwargs)
+        # The step returns metric results, which are already global (synchronized
+        # metric variables); Keras' default "auto" would sum each replica's copy.
+        self.distribute_reduction_method = "first"
         if teacher_optimizer is not None:
             # Same treatment Keras gives the student's optimizer: built in the
             # strategy scope, wrapped in a LossScaleOptimizer under mixed_float16.

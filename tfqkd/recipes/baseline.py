@@ -8,9 +8,9 @@ reports train and test top-1.
 import sys
 
 from tfqkd.cli import run_cli
-from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
+from tfqkd.recipes.args import recipe_parser, start_recipe
 from tfqkd.recipes.qkd import train_baseline
-from tfqkd.recipes.runner import Run, require_file, write_results
+from tfqkd.recipes.runner import require_file, write_results
 
 __all__ = ["main"]
 
@@ -21,10 +21,12 @@ def main(argv=None):
 
     def go():
         require_file(args.student_model, "student model")
-        config = resolve_config(args)
-        run = Run(config, resolve_run_dir(args, "baseline", config))
-        run.record("Baseline (FP)", train_baseline(run, "student", args.student_model, args.unsafe))
-        write_results(run, f"Baseline: {config['student']} on {config['dataset']}")
+        start = start_recipe(args, "baseline")
+        config = start.config
+        run = start.new_run()
+        with run.scope():  # models and optimizers of the --strategy
+            run.record("Baseline (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
+            write_results(run, f"Baseline: {config['student']} on {config['dataset']}")
 
     return run_cli(go, prog="tfqkd.recipes.baseline")
 

@@ -8,9 +8,9 @@ baseline schedule, and compares it with the student trained alone.
 import sys
 
 from tfqkd.cli import run_cli
-from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
+from tfqkd.recipes.args import recipe_parser, start_recipe
 from tfqkd.recipes.qkd import train_baseline
-from tfqkd.recipes.runner import Run, require_file, save_model_atomic, write_results
+from tfqkd.recipes.runner import require_file, write_results
 
 __all__ = ["main"]
 
@@ -22,16 +22,18 @@ def main(argv=None):
     def go():
         require_file(args.teacher_model, "teacher model")
         require_file(args.student_model, "student model")
-        config = resolve_config(args)
-        run = Run(config, resolve_run_dir(args, "kd", config))
-        teacher = train_baseline(run, "teacher", args.teacher_model, args.unsafe)
-        run.record(f"Teacher (FP, {config['teacher']})", teacher)
-        run.record("Student alone (FP)", train_baseline(run, "student", args.student_model, args.unsafe))
-        student = run.new_model("student")
-        run.train("kd", "student_baseline", student, teacher, phase="ts")
-        save_model_atomic(student, run.model_path("student_kd"))
-        run.record("Student with KD (FP)", student)
-        write_results(run, f"KD: {config['student']} from {config['teacher']} on {config['dataset']}")
+        start = start_recipe(args, "kd")
+        config = start.config
+        run = start.new_run()
+        with run.scope():  # models and optimizers of the --strategy
+            teacher = train_baseline(run, "teacher", start.teacher_model, start.unsafe)
+            run.record(f"Teacher (FP, {config['teacher']})", teacher)
+            run.record("Student alone (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
+            student = run.new_model("student")
+            run.train("kd", "student_baseline", student, teacher, phase="ts")
+            run.save_model(student, "student_kd")
+            run.record("Student with KD (FP)", student)
+            write_results(run, f"KD: {config['student']} from {config['teacher']} on {config['dataset']}")
 
     return run_cli(go, prog="tfqkd.recipes.kd")
 

@@ -11,9 +11,9 @@ import sys
 import tfqkd.data as data
 from tfqkd.cli import run_cli
 from tfqkd.quant import quantize, resolve_policy
-from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
+from tfqkd.recipes.args import recipe_parser, start_recipe
 from tfqkd.recipes.qkd import train_baseline
-from tfqkd.recipes.runner import Run, require_file, save_model_atomic, write_results
+from tfqkd.recipes.runner import require_file, write_results
 
 __all__ = ["main"]
 
@@ -24,16 +24,18 @@ def main(argv=None):
 
     def go():
         require_file(args.student_model, "student model")
-        config = resolve_config(args)
+        start = start_recipe(args, "ptq")
+        config = start.config
         policy = resolve_policy(config["quant"])
-        run = Run(config, resolve_run_dir(args, "ptq", config))
-        student = train_baseline(run, "student", args.student_model, args.unsafe)
-        run.record("Baseline (FP)", student)
-        calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
-        quantized = quantize(student, policy, calibration)
-        save_model_atomic(quantized, run.model_path("student_ptq"))
-        run.record(f"Quantized (PTQ, {policy.name})", quantized)
-        write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")
+        run = start.new_run()
+        with run.scope():  # models and optimizers of the --strategy
+            student = train_baseline(run, "student", start.student_model, start.unsafe)
+            run.record("Baseline (FP)", student)
+            calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
+            quantized = quantize(student, policy, calibration)
+            run.save_model(quantized, "student_ptq")
+            run.record(f"Quantized (PTQ, {policy.name})", quantized)
+            write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")
 
     return run_cli(go, prog="tfqkd.recipes.ptq")
 

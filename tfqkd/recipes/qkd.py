@@ -2,6 +2,8 @@
 
     python -m tfqkd.recipes.qkd --model densenet21 [--teacher densenet63] [--dataset cifar10]
                                 [--quant w8a8|w4a4|POLICY.yaml] [--budget quick|thesis] [--run-dir DIR]
+                                [--deterministic] [--strategy mirrored|multiworker]
+    python -m tfqkd.recipes.qkd --resume RUN_DIR      # after a crash: continues where it stopped
 
 Stages (each its own compile/fit, Algorithm 1):
 
@@ -24,8 +26,8 @@ import time
 import tfqkd.data as data
 from tfqkd.cli import run_cli
 from tfqkd.quant import quantize, resolve_policy
-from tfqkd.recipes.args import recipe_parser, resolve_config, resolve_run_dir
-from tfqkd.recipes.runner import Run, copy_model, require_file, save_model_atomic, write_results
+from tfqkd.recipes.args import recipe_parser, start_recipe
+from tfqkd.recipes.runner import Run, copy_model, require_file, write_results
 
 __all__ = ["main", "train_baseline"]
 
@@ -45,16 +47,16 @@ def train_baseline(run, role, reuse_path=None, unsafe=False):
     from tfqkd.io import load_model
 
     name = f"{role}_fp"
-    if reuse_path is not None:
+    if reuse_path is not None and not (run.resume and run.model_path(name).exists()):
         run.log(f"using trained {role} {reuse_path}")
         model = load_model(reuse_path, unsafe=unsafe)
-        save_model_atomic(model, run.model_path(name))
+        run.save_model(model, name)
         return model
     model = run.load_stage(name)
     if model is None:
         model = run.new_model(role)
         run.train(name, f"{role}_baseline", model, phase="ss")
-        save_model_atomic(model, run.model_path(name))
+        run.save_model(model, name)
     return model
 
 
@@ -63,14 +65,36 @@ def _stage(run, name, build):
     model = run.load_stage(name)
     if model is None:
         model = build()
-        save_model_atomic(model, run.model_path(name))
+        run.save_model(model, name)
     return model
 
 
-def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=False):
-    """Runs the full QKD comparison and returns the Run (results in ``run.results``)."""
+def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=False, *, resume=False, strategy=None,
+            runtime=None):  # fmt: skip
+    """Runs the full QKD comparison and returns the Run (results in ``run.results``).
+
+    Args:
+      config: the validated recipe config.
+      run_dir: the run directory.
+      teacher_model, student_model: trained float models to reuse instead of training them.
+      unsafe: allow Lambda layers in those files.
+      resume: continue an unfinished stage from its last checkpoint.
+      strategy: the ``tf.distribute`` strategy (default: the current one).
+      runtime: start options to store in ``runtime.json``.
+
+    Returns:
+      the Run.
+    """
     policy = resolve_policy(config["quant"])  # a bad policy fails before anything is written
-    run = Run(config, run_dir)
+    run = Run(config, run_dir, resume=resume, strategy=strategy, runtime=runtime)
+    with run.scope():  # every model and optimizer is a (possibly distributed) variable of the strategy
+        _pipeline(run, policy, teacher_model, student_model, unsafe)
+    return run
+
+
+def _pipeline(run, policy, teacher_model, student_model, unsafe):
+    """The stages of Algorithm 1 and the comparison table (inside the strategy scope)."""
+    config = run.config
     run.log(f"{config['student']} from {config['teacher']} on {config['dataset']}, policy {policy.name}")
 
     start = time.time()
@@ -110,8 +134,8 @@ def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=Fals
     if cs_student is None or cs_teacher is None:
         cs_student, cs_teacher = copy_model(ss), copy_model(teacher)
         run.train("cs", "cs", cs_student, cs_teacher, phase="cs")
-        save_model_atomic(cs_teacher, run.model_path("teacher_cs"))
-        save_model_atomic(cs_student, run.model_path("student_cs"))
+        run.save_model(cs_teacher, "teacher_cs")
+        run.save_model(cs_student, "student_cs")
 
     def qkd_tutor_study():
         model = copy_model(cs_student)
@@ -122,7 +146,6 @@ def run_qkd(config, run_dir, teacher_model=None, student_model=None, unsafe=Fals
     run.record("QKD (SS+CS+TS)", qkd, time.time() - start)
     title = f"QKD comparison: {config['student']} ({policy.name}) from {config['teacher']} on {config['dataset']}"
     write_results(run, title)
-    return run
 
 
 def main(argv=None):
@@ -133,8 +156,11 @@ def main(argv=None):
     def go():
         require_file(args.teacher_model, "teacher model")
         require_file(args.student_model, "student model")
-        config = resolve_config(args)
-        run_qkd(config, resolve_run_dir(args, "qkd", config), args.teacher_model, args.student_model, args.unsafe)
+        start = start_recipe(args, "qkd")
+        run_qkd(
+            start.config, start.run_dir, start.teacher_model, start.student_model, start.unsafe,
+            resume=start.resume, strategy=start.strategy, runtime=start.runtime,
+        )  # fmt: skip
 
     return run_cli(go, prog="tfqkd.recipes.qkd")
 

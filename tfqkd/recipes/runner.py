@@ -3,19 +3,28 @@
 A run directory holds::
 
     config.yaml              the resolved recipe
+    runtime.json             how it was started (recipe, --deterministic, --strategy, model files)
     models/<name>.h5         each stage's final model (written atomically)
     stages/<name>/           per-epoch checkpoints, history.csv, TensorBoard logs
     results.json, results.csv, comparison.png
 
 Stage models already present in the run directory are reused, so a recipe
 that was interrupted between stages continues from the last finished stage.
+With ``resume=True`` (``--resume RUN_DIR``) an unfinished stage also
+continues after its last checkpointed epoch (both networks, both optimizers
+with their schedule step, the random state); the data order of every epoch
+is a function of the seed, the stage and the epoch, so the resumed run sees
+the batches the uninterrupted one would have seen.
 """
 
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +32,7 @@ import numpy as np
 import yaml
 
 import tfqkd.data as data
-from tfqkd._keras import keras
+from tfqkd._keras import keras, tf
 from tfqkd.distill import QKD, precompute_teacher_logits
 from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
@@ -31,6 +40,8 @@ from tfqkd.models import create_model
 from tfqkd.quant import custom_objects
 from tfqkd.training import DivergenceGuard, WarmupMultiStep, make_sgd
 from tfqkd.training import check as check_divergence
+from tfqkd.training.checkpoint import EpochCheckpoint, clean_temporary, latest_checkpoint, list_checkpoints, restore
+from tfqkd.training.distribute import is_chief, shard_by_data, worker_count
 
 __all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_results"]
 
@@ -47,17 +58,40 @@ def copy_model(model):
     return clone
 
 
-def save_model_atomic(model, path):
-    """Saves ``model`` to ``path`` via a temporary file and a rename (never half-written)."""
+def save_model_atomic(model, path, chief=True):
+    """Saves ``model`` to ``path`` via a temporary file and a rename (never half-written).
+
+    Args:
+      model: the Keras model.
+      path: destination file (.h5 or .keras).
+      chief: False on the other workers of a multi-worker run: they must take
+        part in saving (reading synchronised variables is a collective
+        operation) but write to a private temporary directory, not ``path``.
+    """
     path = Path(path)
+    if not chief:
+        scratch = Path(tempfile.mkdtemp(prefix="tfqkd-worker-"))
+        try:
+            model.save(scratch / path.name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         model.save(tmp)
+        with open(tmp, "rb+") as raw:  # on disk before the rename makes it visible
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_atomic(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def evaluate_top1(model, x, y, batch_size=256):
@@ -70,24 +104,50 @@ def evaluate_top1(model, x, y, batch_size=256):
 class Run:
     """One recipe run: config, run directory, data and the stage machinery.
 
+    Models and optimizers must be created inside :meth:`scope` (the recipes
+    run their whole body in it).
+
     Args:
       config: validated recipe config.
       run_dir: the run directory (created).
       verbose: Keras fit verbosity (1 progress bar, 2 one line per epoch).
+      resume: continue unfinished stages from their last checkpoint; without
+        it an unfinished stage starts over (finished stages are reused either way).
+      strategy: the ``tf.distribute`` strategy (default: the current one).
+      runtime: how the run was started, stored as ``runtime.json`` so that
+        ``--resume`` can restart it the same way.
     """
 
     config: dict
     run_dir: Path
     verbose: int = field(default_factory=lambda: 1 if sys.stdout.isatty() else 2)
+    resume: bool = False
+    strategy: object = None
+    runtime: dict = None
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
+        if self.strategy is None:
+            self.strategy = tf.distribute.get_strategy()
+        self.chief = is_chief(self.strategy)
+        self.workers = worker_count(self.strategy)
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
+        if self.chief:
+            # Temporary files of writes a killed process never finished
+            # (".student_ss.tmp.h5", ".results.json.tmp"); the real files are intact.
+            for leftover in [*self.run_dir.glob(".*.tmp"), *(self.run_dir / "models").glob(".*.tmp.h5")]:
+                leftover.unlink(missing_ok=True)
         self.info = data.dataset_info(self.config["dataset"])
+        # Random layers (Dropout) draw from tf.random.Generator variables, whose
+        # state a checkpoint holds; the legacy stateful kernels keep theirs
+        # hidden and would restart their sequence in a resumed process.
+        keras.backend.experimental.enable_tf_random_generator()
         keras.utils.set_random_seed(self.config["seed"])
+        # A seeded global generator (its state is checkpointed); with op
+        # determinism TensorFlow refuses to create an unseeded one implicitly.
+        tf.random.set_global_generator(tf.random.Generator.from_seed(self.config["seed"]))
         cfg, name = self.config, self.config["dataset"]
         common = dict(batch_size=cfg["batch_size"], data_dir=cfg.get("data_dir"))
-        self.train_ds = data.load(name, "train", with_index=True, seed=cfg["seed"], limit=cfg["train_limit"], **common)
         self.test_ds = data.load(name, "test", **common)
         self.train_examples = min(self.info.train_size, cfg["train_limit"] or self.info.train_size)
         self.steps_per_epoch = -(-self.train_examples // cfg["batch_size"])
@@ -97,17 +157,40 @@ class Run:
         )
         self.augmented = self.info.augment not in (None, "none")
         self.results = []
-        self._write_config()
+        if self.chief:
+            self._write_text("config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            if self.runtime is not None:
+                self._write_text("runtime.json", json.dumps(self.runtime, indent=2))
 
     # Bookkeeping ------------------------------------------------------------------------
-    def _write_config(self):
-        text = yaml.safe_dump(self.config, sort_keys=False)
-        tmp = self.run_dir / ".config.yaml.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.run_dir / "config.yaml")
+    def _write_text(self, name, text):
+        _write_atomic(self.run_dir / name, text)
+
+    def scope(self):
+        """The strategy scope models and optimizers are created in."""
+        return self.strategy.scope()
 
     def model_path(self, name):
         return self.run_dir / "models" / f"{name}.h5"
+
+    def save_model(self, model, name):
+        """Saves the finished stage ``name`` atomically (only the chief writes)."""
+        save_model_atomic(model, self.model_path(name), chief=self.chief)
+
+    def train_data(self, stage, initial_epoch):
+        """The training pipeline of ``stage`` from ``initial_epoch`` on (epoch-indexed).
+
+        Each stage draws its own epoch orders (seeded by the config seed and
+        the stage name), and epoch ``e``'s order does not depend on how many
+        epochs this process ran before, which makes resuming exact.
+        """
+        cfg = self.config
+        seed = (cfg["seed"] * 65_537 + zlib.crc32(stage.encode())) % 2**31
+        ds = data.load(
+            cfg["dataset"], "train", batch_size=cfg["batch_size"], with_index=True, seed=seed,
+            limit=cfg["train_limit"], data_dir=cfg.get("data_dir"), initial_epoch=initial_epoch,
+        )  # fmt: skip
+        return shard_by_data(ds) if self.workers > 1 else ds
 
     def log(self, message):
         print(f"[tfqkd] {message}", flush=True)
@@ -124,6 +207,33 @@ class Run:
             self.log(f"reusing {path}")
             return load_model(path)
         return None
+
+    def _stage_checkpoint(self, name, phase, checkpoints):
+        """The checkpoint an unfinished stage continues from, or None to start it over."""
+        if self.chief:
+            clean_temporary(checkpoints)  # left by a writer killed mid-write
+        if self.resume:
+            state = latest_checkpoint(checkpoints, stage=name)
+            if state is not None and state.phase != phase:
+                raise TfqkdError(f"{state.path} is of phase {state.phase!r}, stage {name} trains phase {phase!r}")
+            return state
+        stale = list_checkpoints(checkpoints)
+        if stale:
+            self.log(f"stage {name}: starting over; pass --resume {self.run_dir} to continue from epoch {stale[-1][0]}")
+            if self.chief:
+                for _, path in stale:
+                    path.unlink(missing_ok=True)
+        return None
+
+    def _history_csv(self, path, initial_epoch):
+        """CSVLogger for the stage; on resume it keeps the rows of the epochs already done."""
+        if initial_epoch > 0 and path.exists():
+            lines = path.read_text().splitlines()
+            # Header plus one row per finished epoch; a row written after the
+            # last checkpoint (killed in between) is dropped and written again.
+            _write_atomic(path, "".join(f"{line}\n" for line in lines[: initial_epoch + 1]))
+            return keras.callbacks.CSVLogger(str(path), append=True)
+        return keras.callbacks.CSVLogger(str(path))
 
     # Training ---------------------------------------------------------------------------
     def _optimizer(self, schedule):
@@ -155,33 +265,45 @@ class Run:
           phase: "ss", "cs" or "ts".
 
         Returns:
-          the Keras History.
+          the Keras History, or None if a resumed stage had no epoch left.
         """
         schedule = self.config["stages"][stage]
+        epochs = schedule["epochs"]
         stage_dir = self.run_dir / "stages" / name
-        (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoints = stage_dir / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        state = self._stage_checkpoint(name, phase, checkpoints)
+        # The teacher of a ts stage comes from a finished stage's model file,
+        # so a resumed stage recomputes the same cache from the same weights.
         cache = self._teacher_cache(teacher) if phase == "ts" else None
         model = QKD(
             student, teacher if phase != "ss" else None, phase=phase, alpha=self.config["alpha"],
             temperature=self.config["temperature"], teacher_logits=cache,
         )  # fmt: skip
         model.compile(self._optimizer(schedule), teacher_optimizer=self._optimizer(schedule) if phase == "cs" else None)
+        initial_epoch = 0
+        if state is not None:
+            restore(model, state)  # both networks, both optimizers (schedule step), random state
+            initial_epoch = min(state.epoch, epochs)
+            self.log(f"stage {name}: resuming after epoch {state.epoch} from {state.path}")
+        if initial_epoch >= epochs:
+            return None
         guard = DivergenceGuard(stage=name)
         callbacks = [
             guard,  # first: it restores the last good weights before any other callback sees a bad epoch
-            guard.protect(  # no checkpoint of a diverged epoch
-                keras.callbacks.ModelCheckpoint(
-                    str(stage_dir / "checkpoints" / "epoch_{epoch:03d}.weights.h5"), save_weights_only=True
-                )
-            ),
-            keras.callbacks.CSVLogger(str(stage_dir / "history.csv")),
-            keras.callbacks.TensorBoard(str(stage_dir / "tensorboard"), write_graph=False, profile_batch=0),
+            guard.protect(EpochCheckpoint(checkpoints, stage=name, phase=phase, write=self.chief)),  # never a diverged epoch
         ]
-        self.log(f"stage {name}: phase {phase}, {schedule['epochs']} epoch(s), lr {schedule['lr']}")
+        if self.chief:  # one writer of the logs per run
+            callbacks += [
+                self._history_csv(stage_dir / "history.csv", initial_epoch),
+                keras.callbacks.TensorBoard(str(stage_dir / "tensorboard"), write_graph=False, profile_batch=0),
+            ]
+        self.log(f"stage {name}: phase {phase}, {epochs} epoch(s), lr {schedule['lr']}")
         start = time.time()
         history = model.fit(
-            self.train_ds, epochs=schedule["epochs"], validation_data=self.test_ds,
-            callbacks=callbacks, verbose=self.verbose,
+            self.train_data(name, initial_epoch), epochs=epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=self.steps_per_epoch, validation_data=self.test_ds, callbacks=callbacks,
+            verbose=self.verbose,
         )  # fmt: skip
         check_divergence(guard)  # one-line TfqkdError; the stage's model is then not saved
         self.log(f"stage {name} done in {time.time() - start:.0f} s")
@@ -213,14 +335,17 @@ def write_results(run, title):
       the printed table text.
     """
     rows = run.results
-    payload = {"title": title, "config": run.config, "results": rows}
-    (run.run_dir / "results.json").write_text(json.dumps(payload, indent=2))
-    with open(run.run_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "train_top1", "test_top1", "seconds"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key, "") for key in writer.fieldnames})
-    _plot(rows, title, run.run_dir / "comparison.png")
+    if run.chief:  # one writer per run directory
+        payload = {"title": title, "config": run.config, "results": rows}
+        run._write_text("results.json", json.dumps(payload, indent=2))
+        tmp = run.run_dir / ".results.csv.tmp"
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["method", "train_top1", "test_top1", "seconds"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: row.get(key, "") for key in writer.fieldnames})
+        os.replace(tmp, run.run_dir / "results.csv")
+        _plot(rows, title, run.run_dir / "comparison.png")
     width = max(len(r["method"]) for r in rows) + 2
     lines = [title, f"{'Method':<{width}}{'Train top-1':>12}{'Test top-1':>12}"]
     lines += [f"{r['method']:<{width}}{r['train_top1']:>11.2f}%{r['test_top1']:>11.2f}%" for r in rows]
