@@ -17,7 +17,6 @@ Writes OUT/dpu_model.json and OUT/dpu_model.csv.
 """
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path

@@ -2,9 +2,7 @@
 
 import csv
 import json
-import math
 
-import numpy as np
 import pytest
 
 from tfqkd._keras import keras

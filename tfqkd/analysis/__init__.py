@@ -58,6 +58,7 @@ __all__ = [
     "macs_per_cycle",
     "measure_candidates",
     "pareto_front",
+    "plot_pareto",
     "plot_histograms",
     "policy_from_bits",
     "run_autoqkeras",

@@ -8,7 +8,6 @@ reports the accuracy before and after.
 
 import sys
 
-import tfqkd.data as data
 from tfqkd.cli import run_cli
 from tfqkd.quant import quantize, resolve_policy
 from tfqkd.recipes.args import recipe_parser, start_recipe
@@ -31,8 +30,7 @@ def main(argv=None):
         with run.scope():  # models and optimizers of the --strategy
             student = train_baseline(run, "student", start.student_model, start.unsafe)
             run.record("Baseline (FP)", student)
-            calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
-            quantized = quantize(student, policy, calibration)
+            quantized = quantize(student, policy, run.calibration_batch())
             run.save_model(quantized, "student_ptq")
             run.record(f"Quantized (PTQ, {policy.name})", quantized)
             write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")

@@ -6,7 +6,6 @@ then self-studying with cross-entropy under the budget's ``ss`` schedule.
 
 import sys
 
-import tfqkd.data as data
 from tfqkd.cli import run_cli
 from tfqkd.quant import quantize, resolve_policy
 from tfqkd.recipes.args import recipe_parser, start_recipe
@@ -29,8 +28,7 @@ def main(argv=None):
         with run.scope():  # models and optimizers of the --strategy
             student = train_baseline(run, "student", start.student_model, start.unsafe)
             run.record("Baseline (FP)", student)
-            calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
-            quantized = quantize(student, policy, calibration)
+            quantized = quantize(student, policy, run.calibration_batch())
             run.record("Quantized (PTQ)", quantized)
             run.train("ss", "ss", quantized, phase="ss")
             run.save_model(quantized, "student_ss")

@@ -23,7 +23,6 @@ comparison.png into the run directory.
 import sys
 import time
 
-import tfqkd.data as data
 from tfqkd.cli import run_cli
 from tfqkd.quant import quantize, resolve_policy
 from tfqkd.recipes.args import recipe_parser, start_recipe
@@ -105,7 +104,7 @@ def _pipeline(run, policy, teacher_model, student_model, unsafe):
     student_fp = train_baseline(run, "student", student_model, unsafe)
     run.record("Baseline (FP)", student_fp, time.time() - start)
 
-    calibration = data.calibration_batch(config["dataset"], n=256, seed=config["seed"], data_dir=config.get("data_dir"))
+    calibration = run.calibration_batch()
     start = time.time()
     ptq = _stage(run, "student_ptq", lambda: quantize(student_fp, policy, calibration))
     run.record("Quantized (PTQ)", ptq, time.time() - start)

@@ -235,6 +235,11 @@ class Run:
             return keras.callbacks.CSVLogger(str(path), append=True)
         return keras.callbacks.CSVLogger(str(path))
 
+    def calibration_batch(self, n=256):
+        """Training inputs that initialise the quantization intervals (QKD Algorithm 1, line 2)."""
+        cfg = self.config
+        return data.calibration_batch(cfg["dataset"], n=n, seed=cfg["seed"], data_dir=cfg.get("data_dir"))
+
     # Training ---------------------------------------------------------------------------
     def _optimizer(self, schedule):
         lr = WarmupMultiStep(
