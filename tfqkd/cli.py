@@ -25,14 +25,17 @@ def quiet_known_noise():
     """Silences warnings the command line cannot act on (library callers keep them).
 
     QKeras serializes quantizers through ``keras.constraints.serialize`` (a
-    UserWarning per layer), tf_keras warns on every HDF5 save, and TensorFlow
-    logs a WARNING when a saved model is reloaded without metrics.
+    UserWarning per layer), tf_keras warns on every HDF5 save, the TFLite
+    converter warns about input statistics the exporter sets itself, and
+    TensorFlow logs a WARNING when a saved model is reloaded without metrics.
     """
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*keras\.constraints\.serialize\(\).*")
     warnings.filterwarnings("ignore", message=r".*saving your model as an HDF5 file.*")
+    # The TFLite converter's note when the exporter supplies the input ranges itself.
+    warnings.filterwarnings("ignore", message=r"Statistics for quantized inputs were expected.*")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
