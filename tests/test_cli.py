@@ -22,6 +22,8 @@ def test_models_lists_family_with_params_and_macs(capsys):
         (["models", "--family", "nope"], "unknown"),
         (["frobnicate"], "invalid choice"),
         (["train", "nosuchrecipe"], "invalid choice"),
+        (["export", "--target", "dpu", "/no/such/run"], "no such run directory or model file"),
+        (["export", "--target", "tflite", "/no/such/run"], "no such run directory or model file"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):

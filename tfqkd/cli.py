@@ -102,6 +102,8 @@ def _cmd_export(args):
     else:
         raise TfqkdError(f"no such run directory or model file: {source}")
     args.out = args.out or default_out
+    if (Path(args.out) / "quantized.h5").exists() and not args.force:
+        raise TfqkdError(f"{Path(args.out) / 'quantized.h5'} exists; pass --force to overwrite")
     args.calibration_data = args.calibration_data or dataset
     args.evaluation_data = args.evaluation_data or dataset
     return run_dpu_export(args)

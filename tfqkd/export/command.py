@@ -22,24 +22,27 @@ _CALIBRATION_EXAMPLES = 512
 
 
 def add_tflite_arguments(parser):
-    """Adds the TFLite options to an ``export`` (sub)parser.
+    """Adds the export options to an ``export`` (sub)parser.
 
     The caller owns ``--target`` and the positional ``source``
-    (RUN_DIR_OR_MODEL_FILE); these options are shared with nothing else.
+    (RUN_DIR_OR_MODEL_FILE). ``--out``, ``--dataset``, ``--data-dir``,
+    ``--force`` and ``--unsafe`` serve both targets; ``--kind`` and
+    ``--float-io`` only TFLite.
 
     Args:
       parser: an ``argparse.ArgumentParser`` (or sub-parser).
     """
+    common = parser.add_argument_group("output and data (both targets)")
+    common.add_argument("--out", default=None, help="output directory (default: <run dir>/export, or next to the model file)")
+    common.add_argument("--dataset", default=None, help="calibration/evaluation dataset (default: the run's config.yaml)")
+    common.add_argument("--data-dir", default=None, help="prepared tfds data directory")
+    common.add_argument("--force", action="store_true", help="overwrite existing output files")
+    common.add_argument("--unsafe", action="store_true", help="allow model files with Lambda layers (they run code)")
     group = parser.add_argument_group("TFLite (--target tflite)")
-    group.add_argument("--out", default=None, help="output directory (default: <run dir>/export, or next to the model file)")
     group.add_argument(
         "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
-    group.add_argument("--dataset", default=None, help="calibration/evaluation dataset (default: the run's config.yaml)")
-    group.add_argument("--data-dir", default=None, help="prepared tfds data directory")
-    group.add_argument("--force", action="store_true", help="overwrite existing output files")
-    group.add_argument("--unsafe", action="store_true", help="allow model files with Lambda layers (they run code)")
 
 
 def find_run_model(run_dir):
