@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd._keras import keras, tf
+from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError
 
 __all__ = [
@@ -182,22 +183,12 @@ def _unwrap(model):
 
 
 def _first_batch(data, max_examples):
-    if data is None:
+    x = take_inputs(data, max_examples)
+    if x is None:
         raise TfqkdError("layerwise analysis needs input data (an array, (x, y) or a tf.data.Dataset)")
-    if isinstance(data, tf.data.Dataset):
-        chunks, count = [], 0
-        for batch in data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            chunks.append(np.asarray(x))
-            count += len(chunks[-1])
-            if count >= max_examples:
-                break
-        if not chunks:
-            raise TfqkdError("the dataset given for layerwise analysis is empty")
-        return np.concatenate(chunks)[:max_examples]
-    if isinstance(data, (tuple, list)):
-        data = data[0]
-    return np.asarray(data)[:max_examples]
+    if len(x) == 0:
+        raise TfqkdError("the dataset given for layerwise analysis is empty")
+    return x
 
 
 def collect_tensors(model, data, max_examples=32, batch_size=16):

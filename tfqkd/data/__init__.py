@@ -16,6 +16,7 @@ from tfqkd.data.augment import (
     resolve_augment,
     rotate,
 )
+from tfqkd.data.examples import take_inputs
 from tfqkd.data.pipeline import calibration_batch, load, load_arrays
 from tfqkd.data.registry import AUGMENT_KINDS, DatasetInfo, dataset_info, list_datasets
 
@@ -33,4 +34,5 @@ __all__ = [
     "random_rotation",
     "resolve_augment",
     "rotate",
+    "take_inputs",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd._keras import keras, tf
+from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
 from tfqkd.export.integer_graph import IntegerGraph
@@ -43,23 +44,10 @@ def calibration_batches(calibration_data, limit=_MAX_CALIBRATION):
     Raises:
       TfqkdError: empty or malformed data.
     """
-    if calibration_data is None:
+    x = take_inputs(calibration_data, limit)
+    if x is None:
         raise TfqkdError("int8 export needs calibration_data (a few hundred training inputs)")
-    if isinstance(calibration_data, tf.data.Dataset):
-        parts, count = [], 0
-        for batch in calibration_data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = np.asarray(x, np.float32)
-            parts.append(x)
-            count += len(x)
-            if count >= limit:
-                break
-        x = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-    else:
-        if isinstance(calibration_data, tuple):
-            calibration_data = calibration_data[0]
-        x = np.asarray(calibration_data, np.float32)
-    x = x[:limit]
+    x = x.astype(np.float32)
     if x.ndim < 2 or len(x) == 0:
         raise TfqkdError("calibration_data must hold at least one input example with a batch dimension")
     return [x[i : i + _CALIBRATION_BATCH] for i in range(0, len(x), _CALIBRATION_BATCH)]
