@@ -29,6 +29,7 @@ import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.plotting import pyplot, save_figure
 
 __all__ = [
     "Candidate",
@@ -519,10 +520,7 @@ def plot_pareto(points, path, latency_budget=None, title="HAKD: accuracy vs late
     Returns:
       the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [p for p in points if p.get("accuracy") is not None]
     if not points:
@@ -548,8 +546,4 @@ def plot_pareto(points, path, latency_budget=None, title="HAKD: accuracy vs late
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -30,6 +30,7 @@ import numpy as np
 from tfqkd._keras import keras, tf
 from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError
+from tfqkd.plotting import pyplot, save_figure
 
 __all__ = [
     "FLOAT_CLIP_SIGMAS",
@@ -334,10 +335,7 @@ def plot_histograms(rows, path, tensor="weight", columns=6, bins=60):
     Returns:
       the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     selected = [r for r in rows if r["tensor"] == tensor]
     if not selected:
@@ -363,11 +361,7 @@ def plot_histograms(rows, path, tensor="weight", columns=6, bins=60):
         ax.tick_params(labelsize=5)
     fig.suptitle(f"{tensor} distributions (red: clipping range)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 class LayerwiseTensorBoard(keras.callbacks.Callback):

@@ -137,10 +137,9 @@ def plot_sweep(sweep_rows, labels, out_dir, title=""):
     Returns:
         list of written paths.
     """
-    import matplotlib
+    from tfqkd.plotting import pyplot, save_figure  # here: importing tfqkd loads TensorFlow
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     specs = [
@@ -165,10 +164,5 @@ def plot_sweep(sweep_rows, labels, out_dir, title=""):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / filename
-        tmp = out_dir / f".{filename}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / filename, dpi=110))
     return written

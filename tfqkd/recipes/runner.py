@@ -42,6 +42,7 @@ from tfqkd.training import DivergenceGuard, WarmupMultiStep, make_sgd
 from tfqkd.training import check as check_divergence
 from tfqkd.training.checkpoint import EpochCheckpoint, clean_temporary, latest_checkpoint, list_checkpoints, restore
 from tfqkd.training.distribute import is_chief, shard_by_data, worker_count
+from tfqkd.plotting import pyplot, save_figure
 
 __all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_results"]
 
@@ -361,10 +362,7 @@ def write_results(run, title):
 
 
 def _plot(rows, title, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["method"] for r in rows]
     positions = np.arange(len(rows))
@@ -379,10 +377,7 @@ def _plot(rows, title, path):
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def require_file(path, what):
