@@ -1,13 +1,13 @@
 """Matplotlib for headless runs, and figures saved without half-written files.
 
 Every PNG tfqkd writes (comparison charts, benchmark curves, histogram grids,
-Pareto plots) goes through :func:`save_figure`: rendered to a temporary file
-in the same directory, then renamed, so an interrupted run leaves either the
-previous file or the new one.
+Pareto plots) goes through :func:`save_figure`, which writes it atomically
+(:mod:`tfqkd.atomic`).
 """
 
-import os
 from pathlib import Path
+
+from tfqkd.atomic import replacing
 
 __all__ = ["pyplot", "save_figure"]
 
@@ -33,14 +33,9 @@ def save_figure(fig, path, dpi=100):
     Returns:
       the ``Path`` written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         pyplot().close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)

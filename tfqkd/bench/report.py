@@ -1,9 +1,10 @@
 """Tables, JSON, CSV and PNG plots of a benchmark sweep (thesis table 7.1 form)."""
 
-import csv
 import json
-import os
 from pathlib import Path
+
+from tfqkd import atomic
+from tfqkd.plotting import pyplot, save_figure
 
 __all__ = [
     "THESIS_TABLE_7_1",
@@ -98,16 +99,9 @@ def _times(value, width):
     return ("-" if value is None else f"{value:.2f}x").rjust(width)
 
 
-def _atomic_write(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path, payload):
     """Writes ``payload`` as indented JSON atomically."""
-    _atomic_write(path, json.dumps(payload, indent=2, default=str))
+    atomic.write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_csv(path, rows):
@@ -115,14 +109,7 @@ def write_csv(path, rows):
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    os.replace(tmp, path)
+    atomic.write_csv(path, [{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows], keys)
 
 
 def plot_sweep(sweep_rows, labels, out_dir, title=""):
@@ -137,8 +124,6 @@ def plot_sweep(sweep_rows, labels, out_dir, title=""):
     Returns:
         list of written paths.
     """
-    from tfqkd.plotting import pyplot, save_figure  # here: importing tfqkd loads TensorFlow
-
     plt = pyplot()
 
     out_dir = Path(out_dir)

@@ -9,13 +9,12 @@ float tensors get calibrated 8-bit ranges, and the converter runs with
 output is integer.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tfqkd._keras import keras, tf
+from tfqkd import atomic
 from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
@@ -144,17 +143,7 @@ def atomic_write(path, data, *, force=False):
     path = Path(path)
     if path.exists() and not force:
         raise TfqkdError(f"{path} exists; pass --force (force=True) to overwrite it")
-    payload = data() if callable(data) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic.write_bytes(path, data() if callable(data) else data)
 
 
 def to_tflite(

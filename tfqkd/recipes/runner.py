@@ -17,9 +17,7 @@ is a function of the seed, the stage and the epoch, so the resumed run sees
 the batches the uninterrupted one would have seen.
 """
 
-import csv
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,6 +30,7 @@ import numpy as np
 import yaml
 
 import tfqkd.data as data
+from tfqkd import atomic
 from tfqkd._keras import keras, tf
 from tfqkd.distill import QKD, precompute_teacher_logits
 from tfqkd.errors import TfqkdError
@@ -77,22 +76,8 @@ def save_model_atomic(model, path, chief=True):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
+    with atomic.replacing(path, fsync=True) as tmp:  # on disk before the rename makes it visible
         model.save(tmp)
-        with open(tmp, "rb+") as raw:  # on disk before the rename makes it visible
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def evaluate_top1(model, x, y, batch_size=256):
@@ -135,8 +120,8 @@ class Run:
         (self.run_dir / "models").mkdir(parents=True, exist_ok=True)
         if self.chief:
             # Temporary files of writes a killed process never finished
-            # (".student_ss.tmp.h5", ".results.json.tmp"); the real files are intact.
-            for leftover in [*self.run_dir.glob(".*.tmp"), *(self.run_dir / "models").glob(".*.tmp.h5")]:
+            # (".student_ss.tmp.h5", ".results.tmp.json"); the real files are intact.
+            for leftover in [*self.run_dir.glob(".*.tmp.*"), *(self.run_dir / "models").glob(".*.tmp.h5")]:
                 leftover.unlink(missing_ok=True)
         self.info = data.dataset_info(self.config["dataset"])
         # Random layers (Dropout) draw from tf.random.Generator variables, whose
@@ -165,7 +150,7 @@ class Run:
 
     # Bookkeeping ------------------------------------------------------------------------
     def _write_text(self, name, text):
-        _write_atomic(self.run_dir / name, text)
+        atomic.write_text(self.run_dir / name, text)
 
     def scope(self):
         """The strategy scope models and optimizers are created in."""
@@ -232,7 +217,7 @@ class Run:
             lines = path.read_text().splitlines()
             # Header plus one row per finished epoch; a row written after the
             # last checkpoint (killed in between) is dropped and written again.
-            _write_atomic(path, "".join(f"{line}\n" for line in lines[: initial_epoch + 1]))
+            atomic.write_text(path, "".join(f"{line}\n" for line in lines[: initial_epoch + 1]))
             return keras.callbacks.CSVLogger(str(path), append=True)
         return keras.callbacks.CSVLogger(str(path))
 
@@ -344,13 +329,8 @@ def write_results(run, title):
     if run.chief:  # one writer per run directory
         payload = {"title": title, "config": run.config, "results": rows}
         run._write_text("results.json", json.dumps(payload, indent=2))
-        tmp = run.run_dir / ".results.csv.tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["method", "train_top1", "test_top1", "seconds"])
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({key: row.get(key, "") for key in writer.fieldnames})
-        os.replace(tmp, run.run_dir / "results.csv")
+        columns = ["method", "train_top1", "test_top1", "seconds"]
+        atomic.write_csv(run.run_dir / "results.csv", [{k: row.get(k, "") for k in columns} for row in rows], columns)
         _plot(rows, title, run.run_dir / "comparison.png")
     width = max(len(r["method"]) for r in rows) + 2
     lines = [title, f"{'Method':<{width}}{'Train top-1':>12}{'Test top-1':>12}"]

@@ -1,0 +1,75 @@
+"""Writing files so that they are never half-written.
+
+Everything a run leaves behind (configs, results, models, charts, exported
+files) is written to a hidden temporary file in the destination directory
+and renamed over the destination once complete: a crash or a failed export
+leaves either the previous file or nothing, never a truncated one (SPEC 9).
+The temporary name keeps the destination's suffix (``.name.tmp.h5``) because
+Keras and matplotlib choose the format from it.
+"""
+
+import contextlib
+import csv
+import io
+import os
+from pathlib import Path
+
+__all__ = ["replacing", "temporary_name", "write_bytes", "write_csv", "write_text"]
+
+
+def temporary_name(path):
+    """The hidden temporary file a write of ``path`` goes through (``.stem.tmp.suffix``)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def replacing(path, fsync=False):
+    """Yields a temporary path to write; renames it over ``path`` if the block succeeds.
+
+    Args:
+      path: the destination; its directory is created if needed.
+      fsync: flush the file to disk before the rename (for files a resumed
+        run must be able to trust after a power cut or SIGKILL).
+
+    Yields:
+      the temporary ``Path`` to write to. It is removed if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as raw:
+                os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path, data):
+    """Writes ``data`` (bytes) to ``path`` atomically; returns the ``Path``."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text):
+    """Writes ``text`` to ``path`` atomically; returns the ``Path``."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_csv(path, rows, fieldnames):
+    """Writes dict ``rows`` as CSV with the given columns, atomically; returns the ``Path``."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    with replacing(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(buffer.getvalue())
+    return Path(path)
