@@ -74,9 +74,7 @@ def _trained(name, policy, mnist, integer_intermediates=False):
     if key not in _TRAINED:
         x_train, y_train = mnist[0], mnist[1]
         keras.utils.set_random_seed(0)
-        if name == "small_densenet":
-            float_model, steps = _small_densenet(), 180
-        elif name == "densenet21":
+        if name == "densenet21":
             # Two epochs of float training, one of QAT (the issue's densenet21 check).
             float_model, steps = tfqkd.create_model(name, num_classes=10, input_shape=(28, 28, 1)), 158
         else:
@@ -87,26 +85,31 @@ def _trained(name, policy, mnist, integer_intermediates=False):
     return _TRAINED[key]
 
 
+_PLAIN_LOW_BIT_DENSENET = pytest.mark.xfail(
+    strict=True,
+    reason="a plain QAT DenseNet keeps BN/concat/pool tensors in float, which int8 must round: w4a4 densenet21 "
+    "agrees 98.8% (w8a8 99.9%); integer_intermediates makes it exact (test below)",
+)
+
+
 @pytest.mark.parametrize(
-    "name",
+    "name, policy",
     [
-        "kl_mlp_student",
-        # Plain QAT models keep BN/concat/pool tensors in float, which int8 cannot: see the
-        # integer_intermediates variants below; kept as slow measurements.
-        pytest.param("small_densenet", marks=pytest.mark.slow),
-        pytest.param("densenet21", marks=pytest.mark.slow),
+        ("kl_mlp_student", "w8a8"),
+        ("kl_mlp_student", "w4a4"),
+        pytest.param("densenet21", "w8a8", marks=pytest.mark.slow),
+        pytest.param("densenet21", "w4a4", marks=[pytest.mark.slow, _PLAIN_LOW_BIT_DENSENET]),
     ],
 )
-@pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
 def test_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
     _check_agreement(tmp_path, mnist, name, policy, integer_intermediates=False)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["small_densenet", "densenet21"])
 @pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
-def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
-    _check_agreement(tmp_path, mnist, name, policy, integer_intermediates=True)
+def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist, policy):
+    """The issue's densenet21 check (measured: w4a4 100.0%, w8a8 99.9% agreement)."""
+    _check_agreement(tmp_path, mnist, "densenet21", policy, integer_intermediates=True)
 
 
 def _check_agreement(tmp_path, mnist, name, policy, integer_intermediates):
@@ -177,6 +180,7 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist, policy
     assert {"CONV_2D", "CONCATENATION", "AVERAGE_POOL_2D", "FULLY_CONNECTED"} <= ops
     # The bottleneck conv (conv1x1 -> BN) is folded; pre-activation BNs after a concat are not.
     assert set(result["folded_batchnorm"].values()) == {"l1_bn2", "l2_bn2"}
+    assert sorted(result["rounded_batchnorm"]) == ["head_bn", "l1_bn1", "l2_bn1", "t_bn"]
     if policy == "w4a4":
         _check_trained_grid(info, result)
 
@@ -187,6 +191,9 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
     BN inputs are 8-bit learned-step tensors, so each BN -> ReLU -> quantizer is one
     exact per-channel requantization (a 1x1 DEPTHWISE_CONV_2D, no MUL/ADD), and the
     transition's 1x1 conv -> average pool is computed pool-first without rounding.
+    A concat input on another trained grid than the concat's (the stem, the pooled
+    transition) is requantized by a 1x1 DEPTHWISE_CONV_2D too: the converter's int8
+    QUANTIZE would run on XNNPACK's 8-bit fixed-point multiplier and move codes.
     """
     x_train, _, x_test, y_test = mnist
     keras.utils.set_random_seed(1)
@@ -200,13 +207,20 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
     assert {model.get_layer(n).quantizer.bits for n in q8} == {8}
     # Opt-in: the default transform is unchanged.
     assert [layer.name for layer in plain.layers] == [l.name for l in model.layers if not l.name.endswith("_q8")]
+    # Training moves each concat's step away from its inputs' (here: set by hand).
+    for name, factor in (("l1_concat_q8", 1.37), ("l2_concat_q8", 0.83)):
+        step = model.get_layer(name).quantizer.step
+        step.assign(step.numpy() * factor)
     out = tmp_path / "exact.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:128])
     info = read_tflite(out)
     assert float_ops(info) == []
     ops = [op["op"] for op in info["ops"]]
     assert "MUL" not in ops and "ADD" not in ops and "AVERAGE_POOL_2D" not in ops
-    assert ops.count("DEPTHWISE_CONV_2D") == 7  # 6 BN requantizations + 1 sum pool
+    # 6 BN requantizations + 1 sum pool + 2 concat inputs (stem, pooled transition); no QUANTIZE.
+    assert ops.count("DEPTHWISE_CONV_2D") == 9
+    assert "QUANTIZE" not in ops
+    assert result["rounded_batchnorm"] == []
     weighted = [op for op in info["ops"] if op["op"] in ("CONV_2D", "FULLY_CONNECTED")]
     steps = [g for n, g in result["activation_scales"].items() if not n.endswith("_q8")]
     for op in weighted:
@@ -238,6 +252,14 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
         np.testing.assert_array_equal(keras_codes.reshape(lite.shape), lite, err_msg=name)
         compared += 1
     assert compared == len(names) - 1
+    # Each concat's output holds the Keras model's 8-bit codes of that tensor.
+    concats = [op for op in info["ops"] if op["op"] == "CONCATENATION"]
+    probe = keras.Model(model.inputs, [model.get_layer(f"l{i}_concat_q8").output for i in (1, 2)])
+    for op, keras_value in zip(concats, probe(x, training=False)):
+        tensor = info["tensors"][op["outputs"][0]]
+        lite = interpreter.get_tensor(op["outputs"][0]).astype(np.int64) - tensor["zero_points"][0]
+        keras_codes = np.rint(np.asarray(keras_value, np.float64) / tensor["scales"][0])
+        np.testing.assert_array_equal(keras_codes, lite)
 
 
 def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist):

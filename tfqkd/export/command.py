@@ -138,6 +138,14 @@ def run_tflite_export(args):
         )
         print(f"[tfqkd] {kind}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)
+        rounded = result["rounded_batchnorm"]
+        if rounded:
+            print(
+                f"[tfqkd]   note: {len(rounded)} BatchNormalization layers (e.g. {rounded[0]}) run in float in the "
+                "Keras model and are rounded in int8; for an exact export train with `integer_intermediates: true` "
+                "in the policy",
+                flush=True,
+            )
     report = size_report(model, {kind: path for kind, path in targets.items()})
     write_size_report(report, size_path, force=True)
     files = ", ".join(f"{label} {info['bytes']:,} B" for label, info in report["files"].items())

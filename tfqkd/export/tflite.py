@@ -172,7 +172,9 @@ def to_tflite(
 
     Returns:
       dict with ``path``, ``kind``, ``bytes``, ``activation_scales`` (trained
-      steps of each activation quantizer), ``weight_scales`` and, with
+      steps of each activation quantizer), ``weight_scales``,
+      ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
+      does not: train with ``integer_intermediates`` to make it exact) and, with
       ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
 
     Raises:
@@ -196,6 +198,7 @@ def to_tflite(
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
         "weight_scales": {name: step for name, (step, _) in graph.weight_grids.items()},
         "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
+        "rounded_batchnorm": list(graph.rounded_batchnorms) if kind == "int8" else [],
     }
     if evaluation is not None:
         from tfqkd.export.validate import validate_tflite
