@@ -160,6 +160,7 @@ def test_tiny_sweep_writes_json_csv_and_pngs(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "thesis" in capsys.readouterr().out
     assert "int8_vs_tflite_fp32_best_throughput" in payload["ratios"]
+    assert payload["layout"] == "speed"
 
 
 def test_bad_target_and_arguments_are_user_errors(tmp_path):

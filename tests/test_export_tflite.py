@@ -23,7 +23,9 @@ from tfqkd.export.command import add_tflite_arguments, run_tflite_export
 from tfqkd.export.inspect import load_interpreter
 from tfqkd.quant.layers import QConv2D, QDense
 
-_WEIGHTED_OPS = ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D")
+# The trained layers of the test models (none is a depthwise conv: DEPTHWISE_CONV_2D ops in
+# these exports are BNs, pools and requantizations of the "speed" layout).
+_WEIGHTED_OPS = ("CONV_2D", "FULLY_CONNECTED")
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +179,51 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist, policy
     assert float_ops(info) == []
     assert all(t["dtype"] in ("int8", "int32") for t in info["tensors"].values())
     ops = {op["op"] for op in info["ops"]}
-    assert {"CONV_2D", "CONCATENATION", "AVERAGE_POOL_2D", "FULLY_CONNECTED"} <= ops
+    # Default "speed" layout: pre-activation BNs and the pool are depthwise convs, no MUL/ADD/AVERAGE_POOL_2D.
+    assert {"CONV_2D", "CONCATENATION", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= ops
+    assert not ops & {"MUL", "ADD", "AVERAGE_POOL_2D"}
+    assert result["layout"] == "speed"
     # The bottleneck conv (conv1x1 -> BN) is folded; pre-activation BNs after a concat are not.
     assert set(result["folded_batchnorm"].values()) == {"l1_bn2", "l2_bn2"}
     assert sorted(result["rounded_batchnorm"]) == ["head_bn", "l1_bn1", "l2_bn1", "t_bn"]
     if policy == "w4a4":
         _check_trained_grid(info, result)
+
+
+def test_layouts_compute_the_same_model(tmp_path, mnist):
+    """The speed layout's depthwise BNs and pools are the model's arithmetic (float32: to 1e-5)."""
+    x_train, _, x_test, y_test = mnist
+    keras.utils.set_random_seed(2)
+    model = _small_densenet()
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # trained-like BN statistics, so the offsets are not zero
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shapes = [w.shape for w in layer.get_weights()]
+            layer.set_weights([rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.3, shapes[1]),
+                               rng.normal(0, 0.3, shapes[2]), rng.uniform(0.5, 2.0, shapes[3])])
+    x = x_test[:64]
+    expected = np.asarray(model(x, training=False))
+    ops = {}
+    for layout in ("speed", "compact"):
+        path = tmp_path / f"{layout}.tflite"
+        to_tflite(model, path, kind="float32", layout=layout)
+        interpreter, _ = load_interpreter(path)
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(out["index"]), expected, atol=1e-5)
+        ops[layout] = {op["op"] for op in read_tflite(path)["ops"]}
+    assert "AVERAGE_POOL_2D" in ops["compact"] and "MUL" in ops["compact"]
+    assert "DEPTHWISE_CONV_2D" in ops["speed"] and not ops["speed"] & {"AVERAGE_POOL_2D", "MUL", "ADD"}
+    # int8: both layouts agree with the float model on real digits.
+    for layout in ("speed", "compact"):
+        result = to_tflite(model, tmp_path / f"{layout}_int8.tflite", calibration_data=x_train[:256], layout=layout,
+                           evaluation=(x_test[:300], y_test[:300]))
+        assert result["validation"]["agreement"] >= 97.0, (layout, result["validation"])
+    with pytest.raises(TfqkdError, match="layout"):
+        to_tflite(model, tmp_path / "x.tflite", kind="float32", layout="fastest")
 
 
 def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
@@ -297,8 +338,9 @@ def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist):
     x_train = mnist[0]
     float_model = tfqkd.create_model("densenet21", num_classes=10, input_shape=(28, 28, 1))
     model = tfqkd.quantize(float_model, "w8a8", x_train[:64])
-    int8 = to_tflite(model, tmp_path / "d21_int8.tflite", calibration_data=x_train[:64], kind="int8")
-    f32 = to_tflite(model, tmp_path / "d21_float32.tflite", kind="float32")
+    # The compact layout (MUL/ADD BNs, AVERAGE_POOL_2D) is the smallest file; "speed" adds ~30 KB (0.29).
+    int8 = to_tflite(model, tmp_path / "d21_int8.tflite", calibration_data=x_train[:64], kind="int8", layout="compact")
+    f32 = to_tflite(model, tmp_path / "d21_float32.tflite", kind="float32", layout="compact")
     assert int8["bytes"] <= 0.27 * f32["bytes"], (int8["bytes"], f32["bytes"])
     report = size_report(model, {"int8": int8["path"], "float32": f32["path"]})
     assert report["parameters"] == sum(int(np.prod(w.shape)) for w in float_model.trainable_weights)

@@ -81,6 +81,10 @@ def add_bench_arguments(parser):
         help="seconds of sweeping after which no larger batch starts (default 180)",
     )
     parser.add_argument("--float-io", action="store_true", help="int8 model with float input/output tensors")
+    parser.add_argument(
+        "--layout", choices=("speed", "compact"), default="speed",
+        help="TFLite graph layout of every kind (see tfqkd export --layout; default speed)",
+    )
     parser.add_argument("--no-xnnpack", action="store_true", help="TFLite built-in kernels without XNNPACK")
     parser.add_argument("--num-classes", type=_positive_int, default=10, help="classes of a model built by name")
     parser.add_argument("--unsafe", action="store_true", help="allow model files with Lambda layers")
@@ -175,7 +179,7 @@ def resolve_target(target, *, num_classes=10, unsafe=False):
 
 def benchmark(
     resolved, *, backends=BACKENDS, batch_sizes=None, threads=None, power_watts=None, repeats=5,
-    max_batch_s=2.0, time_budget_s=180.0, int8_io=True, xnnpack=True, log=print,
+    max_batch_s=2.0, time_budget_s=180.0, int8_io=True, xnnpack=True, layout="speed", log=print,
 ):
     """Converts, times and summarizes (no files written).
 
@@ -211,11 +215,11 @@ def benchmark(
             continue
         t0 = time.perf_counter()
         try:
-            content, converter = convert(source, kind, calibration, int8_io=int8_io)
+            content, converter = convert(source, kind, calibration, int8_io=int8_io, layout=layout)
         except TfqkdError as err:
             if kind == "int8" and source is quant_model and float_model is not None:
                 notes.append(f"int8 from the float model by post-training quantization: {err}")
-                content, converter = convert(float_model, kind, calibration, int8_io=int8_io)
+                content, converter = convert(float_model, kind, calibration, int8_io=int8_io, layout=layout)
             else:
                 raise
         if log:
@@ -257,7 +261,7 @@ def benchmark(
         "model": resolved["name"], "source": resolved["source"], "threads": threads, "power_watts": power_watts,
         "runtime": runtime_name(), "machine": {"cpu": platform.processor() or platform.machine(),
                                                "cores": os.cpu_count(), "load_avg": _load_avg()},
-        "xnnpack": xnnpack, "int8_io": int8_io, "table": table, "sweep": sweep_rows, "ratios": ratios,
+        "xnnpack": xnnpack, "int8_io": int8_io, "layout": layout, "table": table, "sweep": sweep_rows, "ratios": ratios,
         "backends": [{"name": b.name, "label": b.label, **b.info} for b in items], "notes": notes,
         "labels": {b.name: b.label for b in items},
     }
@@ -296,7 +300,7 @@ def run_bench(args):
     payload = benchmark(
         resolved, backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
         power_watts=args.power_watts, repeats=args.repeats, max_batch_s=args.max_batch_seconds,
-        time_budget_s=args.time_budget, int8_io=not args.float_io, xnnpack=not args.no_xnnpack,
+        time_budget_s=args.time_budget, int8_io=not args.float_io, xnnpack=not args.no_xnnpack, layout=args.layout,
         log=lambda s: print(s, flush=True),
     )
     if args.out:

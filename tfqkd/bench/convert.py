@@ -50,7 +50,7 @@ def _fallback(model, kind, calibration_data, int8_io):
     return converter.convert()
 
 
-def convert(model, kind, calibration_data, *, int8_io=True, use_exporter=True, unsafe=False):
+def convert(model, kind, calibration_data, *, int8_io=True, use_exporter=True, unsafe=False, layout="speed"):
     """Converts ``model`` to a TFLite flatbuffer of one kind.
 
     Args:
@@ -61,6 +61,7 @@ def convert(model, kind, calibration_data, *, int8_io=True, use_exporter=True, u
             dequantize ops at the ends); int8 only.
         use_exporter: use ``tfqkd.export.tflite`` when available.
         unsafe: allow Lambda layers (exporter only).
+        layout: the exporter's graph layout, "speed" or "compact" (exporter only).
 
     Returns:
         ``(flatbuffer bytes, converter name)``; the name is ``"tfqkd.export.tflite"``
@@ -76,7 +77,7 @@ def convert(model, kind, calibration_data, *, int8_io=True, use_exporter=True, u
 
         content, _ = export_convert(
             model, calibration_data=calibration_data if kind == "int8" else None, kind=kind, int8_io=int8_io,
-            unsafe=unsafe,
+            unsafe=unsafe, layout=layout,
         )
         return content, "tfqkd.export.tflite"
     from tfqkd.quant.transform import is_quantized

@@ -43,6 +43,11 @@ def add_tflite_arguments(parser):
         "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
+    group.add_argument(
+        "--layout", choices=("speed", "compact"), default="speed",  # integer_graph.LAYOUTS (TF-free import here)
+        help="speed: BNs and average pools as depthwise convs (fast int8 on XNNPACK; default); "
+        "compact: MUL/ADD and AVERAGE_POOL_2D (smaller file)",
+    )
 
 
 def find_run_model(run_dir):
@@ -135,6 +140,7 @@ def run_tflite_export(args):
             evaluation=evaluation,
             force=args.force,
             unsafe=args.unsafe,
+            layout=args.layout,
         )
         print(f"[tfqkd] {kind}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)

@@ -50,11 +50,17 @@ from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
 from tfqkd.quant.quantizers import AffineQuantizer, LearnedStepQuantizer, Pof2Quantizer, TfqkdQuantizer
 
-__all__ = ["Grid", "IntegerGraph", "activation_grid", "weight_codes"]
+__all__ = ["LAYOUTS", "Grid", "IntegerGraph", "activation_grid", "weight_codes"]
 
 # Largest magnitude of a TFLite int8 weight code: weights are symmetric narrow-range [-127, 127].
 _WEIGHT_CODE_MAX = 127
 _FOLDABLE_PRODUCERS = (QConv2D,)
+#: Graph layouts. "speed": every unfolded BatchNormalization and every valid
+#: average pool becomes a DEPTHWISE_CONV_2D (int8 MUL/ADD and AVERAGE_POOL_2D
+#: run 1.3-23x slower than their float versions under XNNPACK on x86, which
+#: runs int8 depthwise convs well); "compact": the converter's MUL/ADD and
+#: AVERAGE_POOL_2D, a smaller file (no per-channel parameters for the BNs).
+LAYOUTS = ("speed", "compact")
 # Integer bias offsets (in int32 bias steps) tried around the ideal bias of an exact requantization.
 _BIAS_SEARCH = np.arange(-256, 257, dtype=np.float64)
 # Widening of the calibrated logit range, as a fraction of its span.
@@ -415,6 +421,26 @@ class _ChannelAffine:
         return _fake_quant(y, low, high)
 
 
+def _batchnorm_as_depthwise(gain, offset, x):
+    """An inference BN ``gain * x + offset`` on a 4-D tensor as a 1x1 depthwise conv with bias.
+
+    One op, into which the converter fuses a following ReLU. The weights stay
+    float: the int8 converter quantizes them per channel.
+    """
+    w = tf.constant(gain.reshape(1, 1, len(gain), 1))
+    y = tf.nn.depthwise_conv2d(x, w, strides=(1, 1, 1, 1), padding="VALID")
+    return tf.nn.bias_add(y, tf.constant(offset))
+
+
+def _average_pool_as_depthwise(pool, x, integer):
+    """A valid average pool as a depthwise conv with weights 1/area (int8: code 127, one scale)."""
+    area = int(np.prod(pool.pool_size))
+    w = tf.constant(np.full((*pool.pool_size, int(x.shape[-1]), 1), 1.0 / area, np.float32))
+    if integer:
+        w = _fake_quant(w, np.float32(-1.0 / area), np.float32(1.0 / area), narrow_range=True)
+    return tf.nn.depthwise_conv2d(x, w, strides=(1, *pool.strides, 1), padding="VALID")
+
+
 def _plain_relu(layer):
     return not getattr(layer, "max_value", None) and not getattr(layer, "negative_slope", 0) and not getattr(layer, "threshold", 0)
 
@@ -447,6 +473,7 @@ class IntegerGraph:
     Args:
       model: a functional Keras model, typically from :func:`tfqkd.quantize`.
       unsafe: allow Lambda layers (their code runs while tracing).
+      layout: "speed" or "compact" (see :data:`LAYOUTS`).
 
     Attributes:
       activation_grids: dict QActivation name -> :class:`Grid` (the trained
@@ -457,7 +484,10 @@ class IntegerGraph:
         model quantized with ``integer_intermediates``.
     """
 
-    def __init__(self, model, unsafe=False):
+    def __init__(self, model, unsafe=False, layout="speed"):
+        if layout not in LAYOUTS:
+            raise TfqkdError(f"unknown TFLite layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        self.layout = layout
         if not getattr(model, "_is_graph_network", False):
             raise TfqkdError("TFLite export needs a functional or Sequential Keras model, not a subclassed one")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -499,7 +529,8 @@ class IntegerGraph:
         self._pool_identity = {pool.name for pool, _ in self.pooled_first.values()}
         self.concat_windows = self._concat_windows(consumers)
         self.concat_requantizations = self._concat_requantizations(consumers)
-        # BNs the Keras model computes in float and int8 must round (MUL/ADD on calibrated scales).
+        self._depthwise_batchnorms, self._depthwise_pools = self._depthwise_lowerings(consumers)
+        # BNs the Keras model computes in float and int8 must round (on calibrated scales).
         self.rounded_batchnorms = [
             layer.name for layer in model.layers
             if isinstance(layer, keras.layers.BatchNormalization)
@@ -598,6 +629,38 @@ class IntegerGraph:
             if len(after) == 1 and after[0].name in self.activation_grids:
                 found[layer.name] = after[0].name
         return found
+
+    def _depthwise_lowerings(self, consumers):
+        """The BNs and average pools the "speed" layout computes as depthwise convs.
+
+        Returns ``({bn name: (gain, offset)}, {pool name: name of the quantizer it feeds or None})``;
+        a pool that feeds one activation quantizer is pinned to its grid, as
+        AVERAGE_POOL_2D (which keeps its input's scale) would be.
+        """
+        if self.layout != "speed":
+            return {}, {}
+        bns, pools = {}, {}
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in self._identity:
+                producer = self._producer_of(layer.input)
+                if isinstance(producer, (keras.layers.Conv2D, keras.layers.Dense)) and len(
+                    consumers.get(str(id(producer.output)), [])
+                ) == 1:
+                    continue  # the converter folds it into the conv's weights and bias
+                axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+                if layer.input.shape.rank == 4 and axis in (-1, 3):
+                    gamma, beta, mean, var = _bn_parameters(layer, int(layer.input.shape[-1]))
+                    gain = gamma / np.sqrt(var + layer.epsilon)
+                    bns[layer.name] = (gain.astype(np.float32), (beta - mean * gain).astype(np.float32))
+            elif (
+                type(layer) is keras.layers.AveragePooling2D
+                and layer.padding == "valid"
+                and layer.data_format == "channels_last"
+            ):
+                users = consumers.get(str(id(layer.output)), [])
+                target = users[0].name if len(users) == 1 and users[0].name in self.activation_grids else None
+                pools[layer.name] = target
+        return bns, pools
 
     def _concat_requantizations(self, consumers):
         """Concat inputs on a trained grid other than the grid of the quantizer after the concat.
@@ -750,6 +813,13 @@ class IntegerGraph:
                 elif integer and layer.name in self.concat_windows:
                     outputs = self.points[layer.name](args[0], integer)
                     outputs = _fake_quant(outputs, *self.points[self.concat_windows[layer.name]].window)
+                elif layer.name in self._depthwise_batchnorms:
+                    outputs = _batchnorm_as_depthwise(*self._depthwise_batchnorms[layer.name], args[0])
+                elif layer.name in self._depthwise_pools:
+                    outputs = _average_pool_as_depthwise(layer, args[0], integer)
+                    target = self._depthwise_pools[layer.name]
+                    if integer and target is not None:
+                        outputs = _fake_quant(outputs, *self.points[target].window)
                 elif layer.name in self.points:
                     point = self.points[layer.name]
                     if isinstance(point, _ActivationPoint):

@@ -59,7 +59,7 @@ def _check_input_shape(model, batches):
         raise TfqkdError(f"calibration data has shape {got} per example, the model expects {expected}")
 
 
-def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=False):
+def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=False, layout="speed"):
     """Converts a (quantized) Keras model to TFLite bytes.
 
     Args:
@@ -72,6 +72,9 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
       int8_io: int8 only: int8 input and output tensors (True) or float32
         with a QUANTIZE/DEQUANTIZE at the ends (False).
       unsafe: allow Lambda layers.
+      layout: "speed" (BNs and average pools as depthwise convs, the fast int8
+        graph) or "compact" (the converter's MUL/ADD and AVERAGE_POOL_2D: a
+        smaller file); see :data:`tfqkd.export.integer_graph.LAYOUTS`.
 
     Returns:
       ``(tflite_bytes, graph)``: the flatbuffer and the
@@ -83,7 +86,7 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
     """
     if kind not in KINDS:
         raise TfqkdError(f"unknown TFLite kind {kind!r}; use one of {', '.join(KINDS)}")
-    graph = IntegerGraph(model, unsafe=unsafe)
+    graph = IntegerGraph(model, unsafe=unsafe, layout=layout)
     batches = None
     if kind == "int8":
         batches = calibration_batches(calibration_data)
@@ -147,7 +150,8 @@ def atomic_write(path, data, *, force=False):
 
 
 def to_tflite(
-    model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False
+    model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
+    layout="speed",
 ):
     """Exports a quantized Keras model to a .tflite file.
 
@@ -169,9 +173,10 @@ def to_tflite(
         runtime and write ``<out_path>.validation.json``.
       force: overwrite an existing file.
       unsafe: allow Lambda layers (they run code).
+      layout: "speed" or "compact" graph (see :func:`convert`).
 
     Returns:
-      dict with ``path``, ``kind``, ``bytes``, ``activation_scales`` (trained
+      dict with ``path``, ``kind``, ``layout``, ``bytes``, ``activation_scales`` (trained
       steps of each activation quantizer), ``weight_scales``,
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
       does not: train with ``integer_intermediates`` to make it exact) and, with
@@ -188,11 +193,14 @@ def to_tflite(
         if not model.built:
             raise TfqkdError("the Sequential model must be built before export")
         model = keras.Model(model.inputs, model.outputs, name=model.name)
-    data, graph = convert(model, calibration_data=calibration_data, kind=kind, int8_io=int8_io, unsafe=unsafe)
+    data, graph = convert(
+        model, calibration_data=calibration_data, kind=kind, int8_io=int8_io, unsafe=unsafe, layout=layout
+    )
     atomic_write(out_path, data, force=force)
     result = {
         "path": str(out_path),
         "kind": kind,
+        "layout": layout,
         "int8_io": bool(int8_io) if kind == "int8" else False,
         "bytes": out_path.stat().st_size,
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
