@@ -141,8 +141,8 @@ def main(argv=None):
             "int8_vs_float32_batch1_latency": b1["int8"] / b1["float32"],
             "int8_vs_float32_best_throughput": best["int8"] / best["float32"],
         }
-        log(f"{layout:8s}: batch-1 float32 {b1['float32']:.3f} ms, int8 {b1['int8']:.3f} ms (x{b1['int8'] / b1['float32']:.3f}); "
-            f"best throughput float32 {best['float32']:.0f}, int8 {best['int8']:.0f} img/s "
+        log(f"{layout:8s}: batch-1 float32 {b1['float32']:.3f} ms, int8 {b1['int8']:.3f} ms "
+            f"(x{b1['int8'] / b1['float32']:.3f}); best throughput float32 {best['float32']:.0f}, int8 {best['int8']:.0f} img/s "
             f"(x{best['int8'] / best['float32']:.2f}); int8 file {graphs[f'{layout}|int8']['bytes']:,} B")
     speedup = summary["compact"]["batch1_ms"]["int8"] / summary["speed"]["batch1_ms"]["int8"]
     log(f"int8 batch-1 latency, compact -> speed layout: x{1 / speedup:.3f} ({speedup:.2f}x faster)")

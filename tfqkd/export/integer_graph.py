@@ -401,7 +401,9 @@ class _ChannelAffine:
             # output can need a finer step than int8 weights allow, and then a few codes are one off.
             ideal = self.offset[c] / unit[c]
             candidates = np.rint(ideal) + _BIAS_SEARCH
-            wrong = np.sum((candidates[:, None] <= lower[None] + 1e-6) | (candidates[:, None] >= upper[None] - 1e-6), axis=1)
+            too_low = candidates[:, None] <= lower[None] + 1e-6
+            too_high = candidates[:, None] >= upper[None] - 1e-6
+            wrong = np.sum(too_low | too_high, axis=1)
             best = np.flatnonzero(wrong == wrong.min())
             bias[c] = candidates[best[np.argmin(np.abs(candidates[best] - ideal))]] * unit[c]
         return bias.astype(np.float32)
