@@ -435,3 +435,15 @@ def test_command_exports_run_directory(tmp_path, mnist, capsys):
     with pytest.raises(TfqkdError, match="--force"):
         run_tflite_export(_export_args(run, out, "--kind", "int8"))
     assert run_tflite_export(_export_args(run, out, "--kind", "int8", "--force", "--float-io")) == 0
+
+
+def test_cli_layout_choices_are_the_exporters():
+    """The CLIs list the layouts literally (no TensorFlow import at argument parsing)."""
+    from tfqkd.bench.command import add_bench_arguments
+    from tfqkd.export.integer_graph import LAYOUTS
+
+    for add in (add_tflite_arguments, add_bench_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        action = next(a for a in parser._actions if a.dest == "layout")
+        assert tuple(action.choices) == LAYOUTS and action.default == LAYOUTS[0] == "speed"
