@@ -274,9 +274,7 @@ class _WeightedPoint:
     def pooled(self, x, pool, source):
         """``pool(self(x))`` computed as ``self(sum-pool(x)) / area`` (see ``IntegerGraph._pooled_first``)."""
         area = int(np.prod(pool.pool_size))
-        channels = int(x.shape[-1])
-        ones = _fake_quant(tf.ones((*pool.pool_size, channels, 1), tf.float32), -1.0, 1.0, narrow_range=True)
-        summed = tf.nn.depthwise_conv2d(x, ones, strides=(1, *pool.strides, 1), padding="VALID")
+        summed = _constant_pool(pool, x, 1.0, integer=True)
         summed = _fake_quant(summed, *source.window)  # the sums of the codes, on the input's grid
         step = self.step / area
         values = (self.weight_codes.astype(np.float64) * step).astype(np.float32)
@@ -362,9 +360,7 @@ class _ChannelAffine:
     @classmethod
     def batchnorm(cls, bn, channels, input_grid, output_grid):
         """BN -> ReLU -> quantizer on an exact int8 input."""
-        gamma, beta, mean, var = _bn_parameters(bn, channels)
-        gain = gamma / np.sqrt(var + bn.epsilon)
-        return cls(gain, beta - mean * gain, input_grid, output_grid, relu=True)
+        return cls(*_bn_affine(bn, channels), input_grid, output_grid, relu=True)
 
     @classmethod
     def requantization(cls, channels, input_grid, output_grid):
@@ -434,12 +430,14 @@ def _batchnorm_as_depthwise(gain, offset, x):
     return tf.nn.bias_add(y, tf.constant(offset))
 
 
-def _average_pool_as_depthwise(pool, x, integer):
-    """A valid average pool as a depthwise conv with weights 1/area (int8: code 127, one scale)."""
-    area = int(np.prod(pool.pool_size))
-    w = tf.constant(np.full((*pool.pool_size, int(x.shape[-1]), 1), 1.0 / area, np.float32))
+def _constant_pool(pool, x, weight, integer):
+    """A valid pooling window as a depthwise conv whose weights all equal ``weight`` (int8: code 127, one scale).
+
+    ``weight`` 1 sums the window (pooled-first convs), ``1 / area`` averages it (the "speed" layout).
+    """
+    w = tf.constant(np.full((*pool.pool_size, int(x.shape[-1]), 1), weight, np.float32))
     if integer:
-        w = _fake_quant(w, np.float32(-1.0 / area), np.float32(1.0 / area), narrow_range=True)
+        w = _fake_quant(w, np.float32(-weight), np.float32(weight), narrow_range=True)
     return tf.nn.depthwise_conv2d(x, w, strides=(1, *pool.strides, 1), padding="VALID")
 
 
@@ -467,6 +465,19 @@ def _bn_parameters(bn, channels):
         weight_or(bn.moving_mean, 0.0),
         weight_or(bn.moving_variance, 1.0),
     )
+
+
+def _bn_affine(bn, channels):
+    """An inference BN as ``gain * x + offset`` per channel (float64 arrays)."""
+    gamma, beta, mean, var = _bn_parameters(bn, channels)
+    gain = gamma / np.sqrt(var + bn.epsilon)
+    return gain, beta - mean * gain
+
+
+def _channels_last(bn):
+    """Whether a BatchNormalization normalizes the last axis of a 4-D (NHWC) tensor only."""
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    return axis in (-1, 3)
 
 
 class IntegerGraph:
@@ -547,6 +558,14 @@ class IntegerGraph:
     def _producer_of(self, tensor):
         return tensor._keras_history.layer
 
+    def _shared_grid(self, layers):
+        """The trained grid of ``layers`` when they are all activation quantizers on one grid, else None."""
+        if not layers or not all(isinstance(q, QActivation) and q.name in self.activation_grids for q in layers):
+            return None
+        if len({repr(self.activation_grids[q.name].as_dict()) for q in layers}) != 1:
+            return None
+        return self.activation_grids[layers[0].name]
+
     def _exact_batchnorms(self, consumers):
         """Unfolded BNs whose input is an activation quantizer's output and whose output feeds
         only a ReLU that feeds only activation quantizers of one grid (``integer_intermediates``)."""
@@ -554,9 +573,8 @@ class IntegerGraph:
         for layer in self.model.layers:
             if not isinstance(layer, keras.layers.BatchNormalization) or layer.name in self._identity:
                 continue
-            axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
             shape = layer.input.shape
-            if shape.rank != 4 or axis not in (-1, 3):
+            if shape.rank != 4 or not _channels_last(layer):
                 continue
             source = self._producer_of(layer.input)
             if source.name not in self.activation_grids:
@@ -564,15 +582,10 @@ class IntegerGraph:
             users = consumers.get(str(id(layer.output)), [])
             if len(users) != 1 or type(users[0]).__name__ != "ReLU" or not _plain_relu(users[0]):
                 continue
-            quantizers = consumers.get(str(id(users[0].output)), [])
-            if not quantizers or not all(isinstance(q, QActivation) and q.name in self.activation_grids for q in quantizers):
+            target = self._shared_grid(consumers.get(str(id(users[0].output)), []))
+            if target is None:
                 continue
-            grids = {repr(self.activation_grids[q.name].as_dict()) for q in quantizers}
-            if len(grids) != 1:
-                continue
-            found[layer.name] = _ChannelAffine.batchnorm(
-                layer, int(shape[-1]), self.activation_grids[source.name], self.activation_grids[quantizers[0].name]
-            )
+            found[layer.name] = _ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
         return found
 
     def _pooled_first(self, consumers):
@@ -649,11 +662,9 @@ class IntegerGraph:
                     consumers.get(str(id(producer.output)), [])
                 ) == 1:
                     continue  # the converter folds it into the conv's weights and bias
-                axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-                if layer.input.shape.rank == 4 and axis in (-1, 3):
-                    gamma, beta, mean, var = _bn_parameters(layer, int(layer.input.shape[-1]))
-                    gain = gamma / np.sqrt(var + layer.epsilon)
-                    bns[layer.name] = (gain.astype(np.float32), (beta - mean * gain).astype(np.float32))
+                if layer.input.shape.rank == 4 and _channels_last(layer):
+                    gain, offset = _bn_affine(layer, int(layer.input.shape[-1]))
+                    bns[layer.name] = (gain.astype(np.float32), offset.astype(np.float32))
             elif (
                 type(layer) is keras.layers.AveragePooling2D
                 and layer.padding == "valid"
@@ -677,13 +688,9 @@ class IntegerGraph:
         for layer in self.model.layers:
             if not isinstance(layer, keras.layers.Concatenate) or layer.axis not in (-1, 3):
                 continue
-            users = consumers.get(str(id(layer.output)), [])
-            if not users or not all(isinstance(u, QActivation) and u.name in self.activation_grids for u in users):
+            target = self._shared_grid(consumers.get(str(id(layer.output)), []))
+            if target is None:
                 continue
-            targets = {repr(self.activation_grids[u.name].as_dict()) for u in users}
-            if len(targets) != 1:
-                continue
-            target = self.activation_grids[users[0].name]
             inputs = {}
             for index, tensor in enumerate(layer.input):
                 source = self._producer_of(tensor).name
@@ -777,10 +784,7 @@ class IntegerGraph:
         if len(users) != 1 or not isinstance(users[0], keras.layers.BatchNormalization):
             return None
         bn = users[0]
-        axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-        if axis not in (-1, 3):
-            return None
-        return bn
+        return bn if _channels_last(bn) else None
 
     def __call__(self, inputs, integer=True):
         """Runs the twin on ``inputs`` (inside a tf.function for export).
@@ -818,7 +822,7 @@ class IntegerGraph:
                 elif layer.name in self._depthwise_batchnorms:
                     outputs = _batchnorm_as_depthwise(*self._depthwise_batchnorms[layer.name], args[0])
                 elif layer.name in self._depthwise_pools:
-                    outputs = _average_pool_as_depthwise(layer, args[0], integer)
+                    outputs = _constant_pool(layer, args[0], 1.0 / int(np.prod(layer.pool_size)), integer)
                     target = self._depthwise_pools[layer.name]
                     if integer and target is not None:
                         outputs = _fake_quant(outputs, *self.points[target].window)
