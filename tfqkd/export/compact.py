@@ -12,9 +12,17 @@ the int8, float32 and float16 files are compared like for like (SPEC section
 * constant buffers with identical bytes stored once (e.g. the all-zero
   biases the converter materialises for every bias-free conv: the int8
   CONV_2D kernel requires a bias operand, so they stay as tensors, sharing
-  one buffer), and tensors and buffers no operator uses.
+  one buffer), and tensors and buffers no operator uses;
+* identical vectors written once and referenced from every table that holds
+  them (:class:`_SharedVectorBuilder`). Flatbuffers address vectors by
+  offset, so sharing is plain, verifiable flatbuffer. It matters for
+  per-channel quantization: the runtime requires one int64 zero point per
+  channel, all zero for weights and biases, and a BN-folded 1x1 conv of 128
+  channels stores two such 1 KB vectors (weights and bias) that are the
+  same bytes in every layer.
 """
 
+import flatbuffers
 import numpy as np
 
 __all__ = ["compact_tflite"]
@@ -35,8 +43,6 @@ def compact_tflite(data):
       bytes of an equivalent model (same operators, weights and quantization).
     """
     schema = _schema()
-    from tensorflow.lite.tools import flatbuffer_utils
-
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
     model.description = None
     model.signatureDefs = None
@@ -49,7 +55,30 @@ def compact_tflite(data):
                 tensor.name = None
         _drop_unused_tensors(graph)
     _share_buffers(model)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    builder = _SharedVectorBuilder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+class _SharedVectorBuilder(flatbuffers.Builder):
+    """A flatbuffers builder that writes each distinct numpy vector once.
+
+    The generated object API packs every numeric vector (shapes, operator
+    inputs, scales, zero points, buffer data) through ``CreateNumpyVector``;
+    a repeated one returns the offset of its first copy. Keyed by dtype and
+    bytes, so a reused vector has the element type and alignment its field
+    expects.
+    """
+
+    def __init__(self, initial_size):
+        super().__init__(initial_size)
+        self._vectors = {}
+
+    def CreateNumpyVector(self, x):  # noqa: N802 - flatbuffers' name
+        key = (x.dtype.str, x.size, x.tobytes())
+        if key not in self._vectors:
+            self._vectors[key] = super().CreateNumpyVector(x)
+        return self._vectors[key]
 
 
 def _drop_unused_tensors(graph):
