@@ -456,7 +456,9 @@ def test_command_exports_run_directory(tmp_path, mnist, capsys):
     assert size["parameters"] == 328_810 and size["int8_to_float32"] < 0.3 and size["layout"] == "speed"
     validation = json.loads((out / "student_ss_int8.tflite.validation.json").read_text())
     assert validation["agreement"] >= 99.5
-    assert "agreement" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "agreement" in printed
+    assert f"int8/float32 bytes: {size['int8_to_float32']:.3f} (speed layout; --layout compact" in printed
     with pytest.raises(TfqkdError, match="--force"):
         run_tflite_export(_export_args(run, out, "--kind", "int8"))
     assert run_tflite_export(_export_args(run, out, "--kind", "int8", "--force", "--float-io")) == 0
