@@ -262,8 +262,8 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
     assert [layer.name for layer in plain.layers] == [l.name for l in model.layers if not l.name.endswith("_q8")]
     # Training moves each concat's step away from its inputs' (here: set by hand).
     for name, factor in (("l1_concat_q8", 1.37), ("l2_concat_q8", 0.83)):
-        step = model.get_layer(name).quantizer.step
-        step.assign(step.numpy() * factor)
+        quantizer = model.get_layer(name).quantizer
+        quantizer.assign_step(quantizer.step.numpy()[0] * factor)
     out = tmp_path / "exact.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:128])
     info = read_tflite(out)

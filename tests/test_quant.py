@@ -5,6 +5,7 @@ import json
 import warnings
 from contextlib import redirect_stdout
 
+import h5py
 import numpy as np
 import pytest
 import qkeras  # after tfqkd (conftest), which selects Keras 2
@@ -62,7 +63,7 @@ def test_weight_tensor_holds_at_most_2_to_the_bits_values(bits, limit):
 
 def test_learned_step_hand_picked_values():
     q = _bound(LearnedStepQuantizer(4, signed=True))  # codes [-8, 7]
-    q.step.assign([0.5])
+    q.assign_step(0.5)
     x = np.array([-10.0, -1.26, -0.24, 0.0, 0.26, 0.74, 1.25, 3.4, 99.0], "float32")
     # x/s = -20, -2.52, -0.48, 0, 0.52, 1.48, 2.5, 6.8, 198 -> round half even, clip [-8, 7]
     expected = np.array([-8, -3, 0, 0, 1, 1, 2, 7, 7], "float32") * 0.5
@@ -71,7 +72,7 @@ def test_learned_step_hand_picked_values():
 
 def test_activations_are_unsigned_and_narrow_weights_symmetric():
     act = _bound(LearnedStepQuantizer(4, signed=False))
-    act.step.assign([0.1])
+    act.assign_step(0.1)
     out = act(np.array([-3.0, -0.01, 0.3, 2.0], "float32")).numpy()
     np.testing.assert_allclose(out, [0.0, 0.0, 0.3, 1.5], rtol=1e-6)
     assert (act.qmin, act.qmax) == (0, 15)
@@ -84,7 +85,7 @@ def test_activations_are_unsigned_and_narrow_weights_symmetric():
 
 def test_straight_through_gradient_inside_range_zero_outside():
     q = _bound(LearnedStepQuantizer(4, signed=False))
-    q.step.assign([0.1])  # range [0, 1.5]
+    q.assign_step(0.1)  # range [0, 1.5]
     x = tf.constant([-0.5, 0.05, 0.77, 1.4, 2.0])
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -99,17 +100,53 @@ def test_straight_through_gradient_inside_range_zero_outside():
     np.testing.assert_array_equal(tape.gradient(y, w).numpy(), [1, 1, 1])
 
 
-def test_learned_step_receives_lsq_gradient():
-    q = _bound(LearnedStepQuantizer(4, signed=True, narrow_range=True), shape=(3,))
-    q.step.assign([0.5])
-    x = tf.constant([0.6, 10.0, -10.0])  # inside, above, below
+def _log_step_gradient(q, x):
     with tf.GradientTape() as tape:
-        y = tf.reduce_sum(q(x))
-    grad = tape.gradient(y, q.step).numpy()[0]
-    # d/ds: inside round(v/s) - v/s = 1 - 1.2; above Q_P = 7; below -Q_N = -7; scaled by 1/sqrt(N*Q_P).
-    expected = ((1 - 1.2) + 7 - 7) / np.sqrt(3 * 7)
-    assert grad != 0
+        y = tf.reduce_sum(q(tf.constant(x)))
+    return tape.gradient(y, q.log_step).numpy()[0]
+
+
+def test_learned_step_receives_lsq_gradient_in_log_space():
+    q = _bound(LearnedStepQuantizer(4, signed=True, narrow_range=True), shape=(3,))
+    q.assign_step(0.5)
+    # x/s = 1.2, 1.8, -0.6: rounding errors -0.2, 0.2, -0.4. LSQ's d/ds, scaled by
+    # 1/sqrt(N*Q_P), divided by s (the relative change of s that LSQ makes).
+    expected = (-0.2 + 0.2 - 0.4) / np.sqrt(3 * 7) / 0.5
+    grad = _log_step_gradient(q, [0.6, 0.9, -0.3])
     np.testing.assert_allclose(grad, expected, rtol=1e-5)
+    # Two codes clipped at Q_P: LSQ would grow s by (0.4 + 7 + 7) / sqrt(21) / 0.1 = 31x in
+    # relative terms; the relative change is bounded by the tensor's, ||dL/dx_hat|| / ||x||.
+    q.assign_step(0.1)
+    x = [0.06, 10.0, 5.0]
+    np.testing.assert_allclose(_log_step_gradient(q, x), np.sqrt(3) / np.linalg.norm(x), rtol=1e-5)
+
+
+def test_learned_step_stays_positive_after_a_huge_update():
+    """A step driven towards zero by a huge update stays positive, and the model still trains."""
+    rng = np.random.default_rng(4)
+    labels = np.arange(96) % 3
+    data = rng.random((96, 8, 8, 3)).astype("float32")
+    data[np.arange(96), :, :, labels] += 0.5  # the class is the brightest channel
+    keras.utils.set_random_seed(0)
+    qmodel = quantize(_small_cnn(), "w8a8", data)
+    quantizers = [q for _, _, q in tfqkd.quant.model_quantizers(qmodel)]
+    initial = np.array([q.step.numpy()[0] for q in quantizers])
+    # One Adam update of learning rate 0.5 against the steps: as linear steps of 1e-3 to 1e-2
+    # they would all be negative now (the dead w8a8 runs); as log-steps they shrink by e**-0.5.
+    keras.optimizers.Adam(0.5).apply_gradients([(tf.ones((1,)), q.log_step) for q in quantizers])
+    steps = np.array([q.step.numpy()[0] for q in quantizers])
+    np.testing.assert_allclose(steps, initial * np.exp(-0.5), rtol=1e-3)
+    qmodel.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = qmodel.fit(data, labels, epochs=15, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < 0.6 * history[0]
+    assert all(q.step.numpy()[0] > 0 for q in quantizers)
+    # A gradient of 1e9 in one SGD update (a linear step would land near -1e9): the step
+    # stops a factor STEP_BAND below its initial value, positive and finite.
+    keras.optimizers.SGD(1.0).apply_gradients([(tf.fill((1,), 1e9), q.log_step) for q in quantizers])
+    steps = np.array([q.step.numpy()[0] for q in quantizers])
+    np.testing.assert_allclose(steps, initial / tfqkd.quant.quantizers.STEP_BAND, rtol=1e-4)
+    after = qmodel.fit(data, labels, epochs=3, batch_size=16, verbose=0).history["loss"]
+    assert np.all(np.isfinite(after))
 
 
 def test_affine_scale_and_zero_point_match_thesis_formula():
@@ -174,6 +211,14 @@ def test_malformed_policy_names_the_problem(data, match):
         QuantPolicy.from_dict(data)
 
 
+def test_uniform_learned_step_policies_by_name():
+    for name, bits in (("w3a3", (3, 3)), ("w2a2", (2, 2)), ("w8a4", (8, 4))):
+        spec = resolve_policy(name).default
+        assert (spec.weight_bits, spec.activation_bits, spec.kind) == (*bits, "lsq")
+    with pytest.raises(TfqkdError, match="activation_bits must be an integer in"):
+        resolve_policy("w4a17")
+
+
 def test_policy_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("default: {weight_bits: 4\n")
@@ -182,7 +227,7 @@ def test_policy_yaml_errors(tmp_path):
     with pytest.raises(TfqkdError, match="not found"):
         resolve_policy(str(tmp_path / "missing.yaml"))
     with pytest.raises(TfqkdError, match="unknown quantization policy"):
-        resolve_policy("w3a3")
+        resolve_policy("w3b3")
 
 
 def test_policy_rules_glob_regex_type_and_first_last():
@@ -254,7 +299,7 @@ def test_fp32_policy_is_identity_copy():
 def test_quantized_model_saves_and_loads(tmp_path):
     data = np.random.default_rng(2).random((8, 8, 8, 3)).astype("float32")
     qmodel = quantize(_small_cnn(), "w4a4", data)
-    qmodel.get_layer("dw").depthwise_quantizer_internal.step.assign([0.0123])
+    qmodel.get_layer("dw").depthwise_quantizer_internal.assign_step(0.0123)
     expected = qmodel(data).numpy()
     for name in ("m.h5", "m.keras"):
         qmodel.save(tmp_path / name)
@@ -309,3 +354,45 @@ def test_policy_flag_turns_on_integer_intermediates():
     assert not any(layer.name.endswith("_q8") for layer in plain.layers)
     with pytest.raises(TfqkdError, match="integer_intermediates"):
         QuantPolicy.from_dict({"integer_intermediates": "yes"})
+
+
+def _make_legacy_h5(path, qmodel, step_of=lambda step: step):
+    """Rewrites a saved .h5 as tfqkd 0.1 wrote it: no 'parametrization' key, the step itself stored."""
+    qmodel.save(path)
+    with h5py.File(path, "r+") as handle:
+        config = handle.attrs["model_config"]
+        config = json.loads(config.decode() if isinstance(config, bytes) else config)
+
+        def strip(node):
+            if isinstance(node, dict):
+                node.pop("parametrization", None)
+                for child in node.values():
+                    strip(child)
+            elif isinstance(node, list):
+                for child in node:
+                    strip(child)
+
+        strip(config)
+        handle.attrs["model_config"] = json.dumps(config)
+        weights = handle["model_weights"]
+        names = []
+        weights.visit(names.append)
+        for name in names:
+            if name.endswith("_log_step:0"):
+                weights[name][...] = step_of(np.exp(weights[name][...]))
+
+
+def test_files_of_tfqkd_0_1_with_linear_steps_load_converted(tmp_path):
+    data = np.random.default_rng(2).random((8, 8, 8, 3)).astype("float32")
+    qmodel = quantize(_small_cnn(), "w4a4", data)
+    expected = qmodel(data).numpy()
+    legacy = tmp_path / "legacy.h5"
+    _make_legacy_h5(legacy, qmodel)
+    np.testing.assert_allclose(tfqkd.load_model(legacy)(data).numpy(), expected, rtol=1e-5, atol=1e-6)
+    # Keras' own loader gives the model as tfqkd 0.1 computed it.
+    raw = keras.models.load_model(legacy, custom_objects=custom_objects(), compile=False)
+    np.testing.assert_allclose(raw(data).numpy(), expected, rtol=1e-5, atol=1e-6)
+    # A run that died in tfqkd 0.1 (a negative step) fails in one line naming the layer.
+    _make_legacy_h5(legacy, qmodel, step_of=lambda step: -step)
+    with pytest.raises(TfqkdError, match=r"layer '\w+' of .*legacy.h5 has a learned step of -[0-9.e-]+: .*train it again"):
+        tfqkd.load_model(legacy)

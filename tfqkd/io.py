@@ -29,7 +29,7 @@ import h5py
 
 from tfqkd._keras import keras
 from tfqkd.errors import TfqkdError
-from tfqkd.quant import custom_objects
+from tfqkd.quant import custom_objects, model_quantizers
 
 __all__ = ["UNSAFE_LAYER_TYPES", "load_model", "read_model_config", "scan_model_config"]
 
@@ -201,9 +201,14 @@ def load_model(path, *, unsafe=False):
             "(unsafe=True) only if you trust the file"
         )
     try:
-        return keras.models.load_model(path, custom_objects=custom_objects(), compile=False, safe_mode=not unsafe)
+        model = keras.models.load_model(path, custom_objects=custom_objects(), compile=False, safe_mode=not unsafe)
     except TfqkdError:
         raise
     except Exception as err:  # Keras raises many types for a damaged file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TfqkdError(f"cannot load model {path}: {first[:200]}") from None
+    for layer, _, quantizer in model_quantizers(model):
+        upgrade = getattr(quantizer, "upgrade_legacy", None)
+        if upgrade is not None:
+            upgrade(f"layer '{layer.name}' of {path}")  # tfqkd 0.1 stored learned steps unparametrized
+    return model

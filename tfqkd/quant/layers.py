@@ -22,7 +22,10 @@ import qkeras
 from tfqkd._keras import keras, tf
 from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
 
-__all__ = ["QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "quantized_layer_classes"]
+__all__ = [
+    "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers", "model_quantizers",
+    "quantized_layer_classes",
+]  # fmt: skip
 
 
 def _resolve_quantizers(kwargs, keys=("kernel_quantizer", "bias_quantizer", "depthwise_quantizer")):
@@ -135,3 +138,32 @@ class QActivation(qkeras.QActivation):
 def quantized_layer_classes():
     """Maps QKeras class names to the tfqkd subclasses (for deserialization)."""
     return {cls.__name__: cls for cls in (QConv2D, QDepthwiseConv2D, QDense, QActivation)}
+
+
+_QUANTIZER_ATTRIBUTES = (
+    ("kernel_quantizer_internal", "kernel"),
+    ("depthwise_quantizer_internal", "depthwise"),
+    ("bias_quantizer_internal", "bias"),
+    ("quantizer", "input"),
+)
+
+
+def layer_quantizers(layer):
+    """The tfqkd quantizers of one layer as ``[(role, quantizer)]`` (role: kernel, depthwise, bias, input)."""
+    found = []
+    for attr, role in _QUANTIZER_ATTRIBUTES:
+        quantizer = getattr(layer, attr, None)
+        if isinstance(quantizer, TfqkdQuantizer) and all(quantizer is not q for _, q in found):
+            found.append((role, quantizer))
+    return found
+
+
+def model_quantizers(model):
+    """Every tfqkd quantizer of ``model`` as ``[(layer, role, quantizer)]``, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += model_quantizers(layer)
+        else:
+            found += [(layer, role, quantizer) for role, quantizer in layer_quantizers(layer)]
+    return found

@@ -45,6 +45,8 @@ __all__ = [
 # Running-average constant of the thesis's activation observers (PyTorch's
 # MovingAverageMinMaxObserver default).
 _EMA_MOMENTUM = 0.01
+#: How far (as a factor) a learned step may move from its initial value in training.
+STEP_BAND = 16.0
 # Activation range assumed when no calibration data is given (BN-ReLU outputs).
 _DEFAULT_ACTIVATION_RANGE = 4.0
 
@@ -147,8 +149,13 @@ class TfqkdQuantizer:
                 shape=(1,),
                 initializer=keras.initializers.Constant(initial),
                 trainable=trainable,
+                constraint=self.variable_constraint(name),
                 **kwargs,
             )
+
+    def variable_constraint(self, name):
+        """A projection the optimizer applies to state ``name`` after each update (None: none)."""
+        return None
 
     def variable(self, name):
         """The layer weight backing state ``name`` (shape (1,))."""
@@ -176,14 +183,59 @@ class TfqkdQuantizer:
         return cls(**config)
 
 
+def _learned_step_fake_quant(qmin, qmax, grad_scale):
+    """Fake quantization on a step ``s = exp(u)``, with the LSQ gradient taken in log space.
+
+    Forward: ``s * round(clip(x / s, qmin, qmax))``. Backward:
+
+    * ``x``: straight-through inside the range, zero outside (LSQ);
+    * ``u``: the LSQ step gradient (Esser et al. 2020, eq. 3, scaled by
+      ``grad_scale``) divided by ``s``, i.e. the relative change of ``s`` that
+      plain LSQ makes under SGD, clipped to ``||dL/dx_hat|| / ||x||``: under
+      SGD one update changes the step, relatively, by no more than it changes
+      the tensor it quantizes.
+
+    Why: a step trained in linear space has no floor, and at 8 bits it is so
+    small (about 1e-3) that one Adam update (about the learning rate) or one
+    large SGD gradient drives it negative, after which every code clips and
+    the run is dead. ``s = exp(u)`` is positive by construction; Adam then
+    moves ``s`` by about ``lr`` relatively per step, and the clip bounds what
+    SGD can do with any learning rate. (The owning layer also keeps ``s``
+    within a factor ``STEP_BAND`` of its initial step: ``log_step_bounds``.)
+    """
+
+    @tf.custom_gradient
+    def fake_quant(x, log_step):
+        step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
+        scaled = x / step
+        clipped = tf.clip_by_value(scaled, qmin, qmax)
+        codes = tf.round(clipped)
+
+        def grad(upstream):
+            inside = tf.cast((scaled >= qmin) & (scaled <= qmax), upstream.dtype)
+            grad_x = upstream * inside
+            # d(s * round(clip(x/s)))/ds: the rounding error inside, the clipped code outside.
+            per_element = inside * (codes - scaled) + (1.0 - inside) * clipped
+            relative = tf.reduce_sum(upstream * per_element) * grad_scale / step
+            bound = tf.norm(upstream) / (tf.norm(x) + 1e-12)
+            return grad_x, tf.clip_by_value(relative, -bound, bound)
+
+        return codes * step, grad
+
+    return fake_quant
+
+
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
 class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """QKD trainable interval as an LSQ learned step (Kim et al. 2019; Esser et al. 2020).
 
-    ``v_hat = s * round(clip(v / s, qmin, qmax))``. The step ``s`` is a trainable
-    weight of the owning layer, initialised by :meth:`initialize` from the
-    min-max of the weights or of one batch of activations (QKD Algorithm 1,
-    line 2) or, with ``init="lsq"``, as ``2 * mean|v| / sqrt(Q_P)``.
+    ``v_hat = s * round(clip(v / s, qmin, qmax))``. The step is stored as its
+    logarithm, the trainable layer weight ``<role>_log_step``, so it stays
+    positive under any optimizer and learning rate; see
+    :func:`_learned_step_fake_quant` for the gradient. It is initialised by
+    :meth:`initialize` from the min-max of the weights or of one batch of
+    activations (QKD Algorithm 1, line 2) or, with ``init="lsq"``, as
+    ``2 * mean|v| / sqrt(Q_P)``.
 
     Args:
       bits: bit width, 1-16.
@@ -192,23 +244,76 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
       narrow_range: drop the most negative code (``[-7, 7]`` at 4 bits) so the
         codes are the symmetric int8 weights TFLite expects.
       initial_step: step used until :meth:`initialize` is called.
+
+    Its config carries ``parametrization: "log"``; configs of tfqkd 0.1, which
+    stored the step itself, have no such key, and :func:`tfqkd.load_model`
+    converts their state (:meth:`upgrade_legacy`).
     """
 
     kind = "lsq"
+    #: How the state is stored; configs without it come from tfqkd 0.1 (linear step).
+    PARAMETRIZATION = "log"
 
     def __init__(self, bits=8, signed=True, narrow_range=False, initial_step=None):
         self._init_common(bits, signed, narrow_range)
         if initial_step is None:
             initial_step = _DEFAULT_ACTIVATION_RANGE / self.qmax
+        if not float(initial_step) > 0:
+            raise TfqkdError(f"initial_step must be > 0, got {initial_step!r}")
         self.initial_step = float(initial_step)
+        # Objects made in code are current; only a config without the key is
+        # legacy: its state is the step itself, as tfqkd 0.1 trained it.
+        self.legacy_linear = False
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        parametrization = config.pop("parametrization", "linear")
+        if parametrization not in ("linear", cls.PARAMETRIZATION):
+            raise TfqkdError(f"unknown learned-step parametrization {parametrization!r}")
+        legacy = parametrization == "linear"
+        quantizer = cls(**config)
+        quantizer.legacy_linear = legacy
+        return quantizer
 
     def variable_specs(self):
-        return {"step": (self.initial_step, True)}
+        return {"log_step": (math.log(self.initial_step), True)}
+
+    def log_step_bounds(self):
+        """``log`` of the smallest and largest step training may reach: a factor ``STEP_BAND`` either side of the initial one.
+
+        Far below its min-max initialisation a step clips all but the
+        smallest values, far above it rounds them to zero; from there no
+        gradient brings it back in useful time (Adam moves ``log s`` by
+        about the learning rate per update).
+        """
+        centre, width = math.log(self.initial_step), math.log(STEP_BAND)
+        return centre - width, centre + width
+
+    def variable_constraint(self, name):
+        def keep_in_band(log_step):
+            low, high = self.log_step_bounds()  # read at each update: initialize() moves the centre
+            return tf.clip_by_value(log_step, low, high)
+
+        return keep_in_band
+
+    @property
+    def log_step(self):
+        """The trainable ``log(step)`` (a tf.Variable of shape (1,))."""
+        return self.variable("log_step")
 
     @property
     def step(self):
-        """The learned step (a tf.Variable of shape (1,))."""
-        return self.variable("step")
+        """The learned step ``exp(log_step)`` (a tensor of shape (1,))."""
+        if self.legacy_linear:
+            return tf.maximum(self.log_step, 1e-8)  # the state is the step itself
+        return tf.exp(tf.clip_by_value(self.log_step, -30.0, 30.0))
+
+    def assign_step(self, step):
+        """Sets the step (a positive float)."""
+        if not step > 0:
+            raise TfqkdError(f"a learned step must be > 0, got {step!r}")
+        self.log_step.assign([math.log(float(step))])
 
     def scale(self):
         return self.step
@@ -221,12 +326,14 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
 
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
-        step = tf.cast(self.step[0], x.dtype)
+        if self.legacy_linear:
+            # A tfqkd 0.1 file opened by Keras' own loader computes what it computed
+            # then; tfqkd.load_model converts it (upgrade_legacy).
+            step = tf.cast(self.step[0], x.dtype)
+            return round_ste(tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))) * step
         grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
-        # Keep the step positive even if an update overshoots.
-        step = tf.maximum(_grad_scale(step, grad_scale), 1e-8)
-        codes = tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))
-        return round_ste(codes) * step
+        fake_quant = _learned_step_fake_quant(float(self.qmin), float(self.qmax), grad_scale)
+        return fake_quant(x, tf.cast(self.log_step[0], x.dtype))
 
     def initialize(self, values, method="minmax"):
         """Sets the step from sample values.
@@ -247,10 +354,32 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             step = 2.0 * np.abs(values).mean() / math.sqrt(self.qmax)
         else:
             raise TfqkdError(f"unknown step initialisation '{method}' (use 'minmax' or 'lsq')")
-        self.step.assign([float(step) if step > 0 else self.initial_step])
+        if step > 0:
+            self.initial_step = float(step)  # the centre of the step's band (log_step_bounds)
+        self.assign_step(self.initial_step)
+
+    def upgrade_legacy(self, where):
+        """Converts state loaded from a tfqkd 0.1 file (the step itself) to ``log(step)``.
+
+        Args:
+          where: what to name in the error message ("layer 'x' of model.h5").
+
+        Raises:
+          TfqkdError: the stored step is not positive (that run had died in training).
+        """
+        if not self.legacy_linear:
+            return
+        step = float(self.log_step.numpy()[0])
+        if not step > 0:
+            raise TfqkdError(
+                f"{where} has a learned step of {step:g}: the run that saved it died in training "
+                "(tfqkd 0.1 let steps go negative); train it again"
+            )
+        self.legacy_linear = False
+        self.assign_step(step)
 
     def get_config(self):
-        return {**super().get_config(), "initial_step": self.initial_step}
+        return {**super().get_config(), "initial_step": self.initial_step, "parametrization": self.PARAMETRIZATION}
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="AffineQuantizer")

@@ -359,6 +359,11 @@ def _assign(variables, entries, what):
     if len(variables) != len(entries):
         raise TfqkdError(f"checkpoint {what} holds {len(entries)} arrays, the model has {len(variables)}")
     for variable, (name, value) in zip(variables, entries):
+        if variable.name.endswith("_log_step:0") and not name.endswith("_log_step:0"):
+            raise TfqkdError(
+                f"checkpoint {what} holds {name}, a learned step as tfqkd 0.1 stored it; this version stores "
+                "log-steps: start the stage over (run without --resume)"
+            )
         if tuple(variable.shape) != value.shape:
             raise TfqkdError(f"checkpoint {what}: {name} has shape {value.shape}, the model's {variable.name} {tuple(variable.shape)}")
         variable.assign(value)
