@@ -327,8 +327,12 @@ _PRESETS = {
 }
 
 
+#: ``w<bits>a<bits>`` names any uniform learned-step policy (``w3a3``, ``w2a2``, ``w8a4``).
+_UNIFORM_LSQ = re.compile(r"w(\d{1,2})a(\d{1,2})")
+
+
 def list_presets():
-    """Names of the built-in policies."""
+    """Names of the built-in policies (any ``w<b>a<b>`` with 1-16 bits is accepted too)."""
     return list(_PRESETS)
 
 
@@ -353,7 +357,10 @@ def resolve_policy(policy):
         text = str(policy)
         if text in _PRESETS:
             return _PRESETS[text]
+        uniform = _UNIFORM_LSQ.fullmatch(text)
+        if uniform:
+            return QuantPolicy(QuantSpec(int(uniform[1]), int(uniform[2])), name=text)
         if text.endswith((".yaml", ".yml")):
             return QuantPolicy.from_yaml(text)
-        raise TfqkdError(f"unknown quantization policy {text!r}; use a preset ({', '.join(_PRESETS)}) or a .yaml file")
+        raise TfqkdError(f"unknown quantization policy {text!r}; use a preset ({', '.join(_PRESETS)}), w<bits>a<bits> or a .yaml file")
     raise TfqkdError(f"cannot interpret {type(policy).__name__} as a quantization policy")

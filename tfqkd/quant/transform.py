@@ -87,19 +87,24 @@ def make_weight_quantizer(spec, bits=None):
     return Pof2Quantizer(bits, rounding="even")
 
 
-def make_input_quantizer(spec, signed):
+def make_input_quantizer(spec, signed, initial_range=None):
     """Quantizer for a layer's input activations under ``spec``.
 
     Args:
       spec: QuantSpec of the layer.
       signed: whether the input can be negative (else unsigned codes, as the
         thesis uses after ReLU).
+      initial_range: largest value the learned step's codes reach before
+        calibration (None: the default activation range).
 
     Returns:
       a tfqkd quantizer.
     """
     if spec.kind == "lsq":
-        return LearnedStepQuantizer(spec.activation_bits, signed=signed)
+        step = None
+        if initial_range is not None:
+            step = initial_range / LearnedStepQuantizer(spec.activation_bits, signed=signed).qmax
+        return LearnedStepQuantizer(spec.activation_bits, signed=signed, initial_step=step)
     if spec.kind == "affine":
         return AffineQuantizer(spec.activation_bits, signed=signed, running=True)
     return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
@@ -146,6 +151,20 @@ def _is_non_negative(tensor, depth=0):
         inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
         return all(_is_non_negative(t, depth + 1) for t in inputs)
     return False
+
+
+# tfqkd.data scales images to [0, 1]: the range of a model input before calibration.
+_MODEL_INPUT_RANGE = 1.0
+
+
+def _reads_model_input(tensor, depth=0):
+    """Whether ``tensor`` is the model's input, possibly reshaped or padded on the way."""
+    layer = _producer(tensor)
+    if isinstance(layer, keras.layers.InputLayer):
+        return True
+    if depth > 20 or type(layer).__name__ not in _SIGN_PRESERVING or isinstance(layer.input, (list, tuple)):
+        return False
+    return _reads_model_input(layer.input, depth + 1)
 
 
 def _single_input(layer):
@@ -290,7 +309,10 @@ def quantize(
             else:
                 signed = not _is_non_negative(source)
             qin_name = name + INPUT_QUANTIZER_SUFFIX
-            quantizer = make_input_quantizer(spec, signed)
+            # Uncalibrated, a model input gets the data range, not the activation default:
+            # with 2-bit codes a step of 4 would round every pixel to zero.
+            initial_range = _MODEL_INPUT_RANGE if batch is None and _reads_model_input(source) else None
+            quantizer = make_input_quantizer(spec, signed, initial_range)
             input_quantizers[qin_name] = name
             new_layers.append(
                 {
