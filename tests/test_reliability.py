@@ -387,3 +387,85 @@ def test_recipe_with_learning_rate_1e6_stops_with_one_line_and_keeps_the_good_ch
         handle.visititems(lambda name, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
     assert arrays and all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in arrays)
     assert not (run_dir / "models" / "student_ss.h5").exists()
+
+
+# Dead runs ------------------------------------------------------------------------------------
+
+
+def _dead_mlp(num_classes=10, input_shape=(8, 8, 1)):
+    """An MLP whose output cannot depend on its input (a frozen all-zero layer): a dead run by construction."""
+    inputs = keras.Input(input_shape, name="x")
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(16, kernel_initializer="zeros", use_bias=False, trainable=False)(x)
+    x = keras.layers.ReLU()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+def _digits():
+    from tfqkd.data import load_arrays
+
+    x, y = load_arrays("digits", "train", limit=512)
+    return x, y
+
+
+def test_dead_run_alarm_stops_a_dead_fit_in_its_first_epoch_and_says_why(capsys):
+    x, y = _digits()
+    keras.utils.set_random_seed(0)
+    model = _dead_mlp()
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    alarm = tfqkd.training.DeadRunAlarm(num_classes=10)
+    history = model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[alarm])
+    assert len(history.history["loss"]) == 1  # stopped after the first epoch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training is dead in stage training: in epoch 1 the training accuracy" in err[0]
+    assert "(ln 10 = 2.303)" in err[0] and "restored the weights from the start of the stage" in err[0]
+    with pytest.raises(TfqkdError, match="training is dead"):
+        alarm.check()
+    # Without an accuracy metric the loss at ln(classes) decides.
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    quiet = tfqkd.training.DeadRunAlarm(num_classes=10, verbose=False)
+    assert len(model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[quiet]).history["loss"]) == 1
+    assert quiet.diverged is not None and "loss flat at 2.30" in quiet.diverged
+
+
+def test_dead_run_alarm_is_silent_on_live_runs_slow_or_fast():
+    x, y = _digits()
+    for lr in (1e-2, 1e-4):  # 1e-4: near chance after one epoch, but the loss falls
+        keras.utils.set_random_seed(0)
+        model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=x.shape[1:], quant="w8a8")
+        model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+        alarm = tfqkd.training.DeadRunAlarm(num_classes=10)
+        history = model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[alarm])
+        assert alarm.diverged is None and len(history.history["loss"]) == 3
+
+
+def test_is_dead_epoch_rules():
+    from tfqkd.training.guard import is_dead_epoch
+
+    assert is_dead_epoch(10, accuracy=0.11, early_loss=2.31, late_loss=2.303)
+    assert not is_dead_epoch(10, accuracy=0.11, early_loss=2.35, late_loss=2.20)  # slow but learning
+    assert not is_dead_epoch(10, accuracy=0.40, early_loss=1.20, late_loss=1.20)  # a plateau above chance
+    assert is_dead_epoch(100, accuracy=None, early_loss=4.61, late_loss=4.605)
+    assert not is_dead_epoch(100, accuracy=None, early_loss=3.0, late_loss=3.0)  # flat, but far below ln 100
+    assert not is_dead_epoch(10, accuracy=0.1, early_loss=float("nan"), late_loss=2.3)
+    with pytest.raises(TfqkdError, match="num_classes"):
+        tfqkd.training.DeadRunAlarm(num_classes=1)
+
+
+def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import tfqkd.recipes.qkd as qkd
+    from tfqkd.models import registry
+
+    dead = dataclasses.replace(registry._REGISTRY["kl_mlp_student"], name="test_dead_mlp", builder=_dead_mlp)
+    monkeypatch.setitem(registry._REGISTRY, "test_dead_mlp", dead)
+    config = tmp_path / "dead.yaml"
+    config.write_text(_LR_1E6.replace("student: kl_mlp_student", "student: test_dead_mlp"))
+    run_dir = tmp_path / "run"
+    assert qkd.main(["--config", str(config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "training is dead in stage student_fp: in epoch 1" in lines[0]
+    assert not (run_dir / "models" / "student_fp.h5").exists()

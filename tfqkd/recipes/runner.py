@@ -279,7 +279,7 @@ class Run:
             self.log(f"stage {name}: resuming after epoch {state.epoch} from {state.path}")
         if initial_epoch >= epochs:
             return None
-        guard = DivergenceGuard(stage=name)
+        guard = DivergenceGuard(stage=name, num_classes=self.info.num_classes)  # also stops a dead run
         callbacks = [
             guard,  # first: it restores the last good weights before any other callback sees a bad epoch
             guard.protect(EpochCheckpoint(checkpoints, stage=name, phase=phase, write=self.chief)),  # never a diverged epoch
@@ -329,12 +329,15 @@ def write_results(run, title):
     if run.chief:  # one writer per run directory
         payload = {"title": title, "config": run.config, "results": rows}
         run._write_text("results.json", json.dumps(payload, indent=2))
-        columns = ["method", "train_top1", "test_top1", "seconds"]
+        columns = ["method", "train_top1", "test_top1", "seconds", "exported"]
         atomic.write_csv(run.run_dir / "results.csv", [{k: row.get(k, "") for k in columns} for row in rows], columns)
         _plot(rows, title, run.run_dir / "comparison.png")
     width = max(len(r["method"]) for r in rows) + 2
     lines = [title, f"{'Method':<{width}}{'Train top-1':>12}{'Test top-1':>12}"]
-    lines += [f"{r['method']:<{width}}{r['train_top1']:>11.2f}%{r['test_top1']:>11.2f}%" for r in rows]
+    lines += [
+        f"{r['method']:<{width}}{r['train_top1']:>11.2f}%{r['test_top1']:>11.2f}%" + ("   <- exported" if r.get("exported") else "")
+        for r in rows
+    ]
     lines.append(f"run directory: {run.run_dir}")
     text = "\n".join(lines)
     print(text, flush=True)
