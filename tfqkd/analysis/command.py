@@ -6,7 +6,7 @@ The command-line module adds these options to its ``analyze`` sub-command with
 * a registered model name (an untrained model is built for the dataset's input shape and
   classes, useful to see initial distributions),
 * a ``.h5`` / ``.keras`` model file (loaded with :func:`tfqkd.load_model`), or
-* a recipe run directory: ``models/student_qkd.h5`` if present, else the newest ``models/*.h5``.
+* a recipe run directory: its quantized student (:func:`tfqkd.rundir.quantized_student`), else the newest ``models/*.h5``.
 
 It writes ``layerwise.csv``, ``weights_hist.png`` and ``activations_hist.png`` into ``--out``
 (default: ``<run dir>/analysis``, ``<model file stem>_analysis`` or ``analysis_<name>``).
@@ -15,6 +15,7 @@ It writes ``layerwise.csv``, ``weights_hist.png`` and ``activations_hist.png`` i
 from pathlib import Path
 
 from tfqkd.errors import TfqkdError
+from tfqkd.rundir import quantized_student
 
 __all__ = ["add_analyze_arguments", "resolve_source", "run_analyze"]
 
@@ -51,8 +52,8 @@ def resolve_source(source, data_name):
     path = Path(source)
     if path.is_dir():
         models = path / "models"
-        preferred = models / "student_qkd.h5"
-        if preferred.is_file():
+        preferred = quantized_student(path)
+        if preferred is not None:
             return preferred, None, path / "analysis"
         files = sorted(models.glob("*.h5"), key=lambda p: p.stat().st_mtime) if models.is_dir() else []
         files += sorted(path.glob("*.h5"), key=lambda p: p.stat().st_mtime)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd.errors import TfqkdError
+from tfqkd.rundir import quantized_student
 
 __all__ = ["BACKENDS", "add_bench_arguments", "benchmark", "resolve_target", "run_bench"]
 
@@ -26,8 +27,6 @@ __all__ = ["BACKENDS", "add_bench_arguments", "benchmark", "resolve_target", "ru
 BACKENDS = ("keras_fp32", "tflite_fp32", "tflite_fp16", "tflite_int8")
 #: Float student files of a run directory (the qkd/ptq recipes write student_fp.h5).
 FLOAT_STAGES = ("student_fp.h5", "student.h5")
-#: Quantized stages of a run directory, most finished first.
-QUANT_STAGES = ("student_qkd", "student_ss_ts", "student_ss", "student_cs", "student_ptq", "student_qat")
 
 
 def _positive_int(text):
@@ -128,11 +127,8 @@ def resolve_target(target, *, num_classes=10, unsafe=False):
         models = path / "models"
         float_path = next((models / f for f in FLOAT_STAGES if (models / f).is_file()), None)
         float_model = load_model(float_path, unsafe=unsafe) if float_path is not None else None
-        quant_model, stage = None, None
-        for stage in QUANT_STAGES:
-            if (models / f"{stage}.h5").is_file():
-                quant_model = load_model(models / f"{stage}.h5", unsafe=unsafe)
-                break
+        quant_path = quantized_student(path)
+        quant_model = load_model(quant_path, unsafe=unsafe) if quant_path is not None else None
         if float_model is None and quant_model is None:
             raise TfqkdError(f"{path} holds no float student (models/student_fp.h5) nor a quantized student stage")
         some = float_model or quant_model
@@ -154,7 +150,7 @@ def resolve_target(target, *, num_classes=10, unsafe=False):
             calibration = _random_calibration(some.input_shape[1:])
         source = f"run directory {path}: " + ", ".join(
             ([f"float {float_path.name}"] if float_model is not None else [])
-            + ([f"quantized {stage}.h5"] if quant_model is not None else []))
+            + ([f"quantized {quant_path.name}"] if quant_model is not None else []))
         return {
             "name": some.name, "float_model": float_model, "quant_model": quant_model,
             "calibration": calibration, "source": source, "run_dir": path,

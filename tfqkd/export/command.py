@@ -13,11 +13,12 @@ from pathlib import Path
 import yaml
 
 from tfqkd.errors import TfqkdError
+from tfqkd.rundir import QUANTIZED_STUDENTS, quantized_student
 
 __all__ = ["STUDENT_PREFERENCE", "add_tflite_arguments", "find_run_model", "run_tflite_export"]
 
-#: Which saved stage of a run is exported, best first (thesis table 5.14: QKD > SS > PTQ).
-STUDENT_PREFERENCE = ("student_qkd", "student_ss_ts", "student_ss", "student_ptq")
+#: Which saved stage of a run is exported, first found first.
+STUDENT_PREFERENCE = QUANTIZED_STUDENTS
 _CALIBRATION_EXAMPLES = 512
 
 
@@ -72,10 +73,9 @@ def find_run_model(run_dir):
         raise TfqkdError(f"{config_path}: malformed YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise TfqkdError(f"{config_path}: expected a mapping")
-    for stem in STUDENT_PREFERENCE:
-        candidate = run_dir / "models" / f"{stem}.h5"
-        if candidate.is_file():
-            return candidate, config
+    candidate = quantized_student(run_dir)
+    if candidate is not None:
+        return candidate, config
     raise TfqkdError(f"{run_dir}/models holds no quantized student ({', '.join(s + '.h5' for s in STUDENT_PREFERENCE)})")
 
 

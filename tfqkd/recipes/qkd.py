@@ -18,6 +18,13 @@ Stages (each its own compile/fit, Algorithm 1):
 It prints the thesis's comparison table (Baseline, Quantized, SS, SS+TS, QKD;
 train and test top-1) and writes results.json, results.csv and
 comparison.png into the run directory.
+
+The student the run stands behind is saved as ``models/student_best.h5``,
+which ``tfqkd export``, ``bench`` and ``analyze`` read: the QKD student,
+unless distillation left it more than a point of training top-1 below SS
+(a teacher or learning rate that does not suit this student). The recipe
+then says so in one line and keeps the better of SS and SS+TS. The choice
+uses the training images only, never the test set.
 """
 
 import sys
@@ -143,8 +150,38 @@ def _pipeline(run, policy, teacher_model, student_model, unsafe):
 
     qkd = _stage(run, "student_qkd", qkd_tutor_study)
     run.record("QKD (SS+CS+TS)", qkd, time.time() - start)
+    _keep_best_student(run, {"SS": ss, "SS+TS": ss_ts, "QKD (SS+CS+TS)": qkd})
     title = f"QKD comparison: {config['student']} ({policy.name}) from {config['teacher']} on {config['dataset']}"
     write_results(run, title)
+
+
+#: Training top-1 points a distillation phase may lose against SS before the recipe keeps another student.
+REGRESSION_POINTS = 1.0
+
+
+def _keep_best_student(run, students):
+    """Saves ``models/student_best.h5`` (QKD unless it ended below SS) and marks its results row.
+
+    Args:
+      run: the Run, whose ``results`` hold a row per method.
+      students: ``{method: model}`` for "SS", "SS+TS" and "QKD (SS+CS+TS)", in that order.
+    """
+    train = {row["method"]: row["train_top1"] for row in run.results if row["method"] in students}
+    for method in list(students)[1:]:
+        behind = train["SS"] - train[method]
+        if behind > REGRESSION_POINTS:
+            run.log(
+                f"warning: {method} ended {behind:.1f} points of training top-1 below SS ({train[method]:.1f}% vs "
+                f"{train['SS']:.1f}%): distillation hurt this student; try a lower cs/ts learning rate or temperature"
+            )
+    chosen = "QKD (SS+CS+TS)"
+    if train["SS"] - train[chosen] > REGRESSION_POINTS:
+        chosen = max(["SS", "SS+TS"], key=lambda method: train[method])
+    run.save_model(students[chosen], "student_best")
+    for row in run.results:
+        if row["method"] in students:
+            row["exported"] = row["method"] == chosen
+    run.log(f"exported student (models/student_best.h5): {chosen}")
 
 
 def main(argv=None):
