@@ -93,7 +93,9 @@ def test_qkd_recipe_writes_the_run_directory(qkd_run):
     for row in payload["results"]:
         assert 0.0 <= row["train_top1"] <= 100.0 and 0.0 <= row["test_top1"] <= 100.0
     csv_lines = (run_dir / "results.csv").read_text().splitlines()
-    assert csv_lines[0] == "method,train_top1,test_top1,seconds" and len(csv_lines) == 1 + len(methods)
+    assert csv_lines[0] == "method,train_top1,test_top1,seconds,exported" and len(csv_lines) == 1 + len(methods)
+    assert sum(bool(row.get("exported")) for row in payload["results"]) == 1
+    assert (run_dir / "models" / "student_best.h5").is_file()
 
 
 def test_qkd_recipe_prints_the_thesis_table(qkd_run):
@@ -103,7 +105,39 @@ def test_qkd_recipe_prints_the_thesis_table(qkd_run):
     table = out[header:]
     assert "Train top-1" in table and "Test top-1" in table
     for name in (TEACHER_ROW, *THESIS_ROWS):
-        assert any(line.startswith(name + " ") and line.rstrip().endswith("%") for line in table.splitlines()), name
+        assert any(
+            line.startswith(name + " ") and line.rstrip().endswith(("%", "%   <- exported")) for line in table.splitlines()
+        ), name
+    assert sum(line.endswith("<- exported") for line in table.splitlines()) == 1
+
+
+class _StubRun:
+    """What _keep_best_student uses of a Run: results rows, save_model, log."""
+
+    def __init__(self, train):
+        self.results = [{"method": method, "train_top1": top1, "test_top1": top1} for method, top1 in train.items()]
+        self.saved, self.lines = {}, []
+
+    def save_model(self, model, name):
+        self.saved[name] = model
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_the_exported_student_is_ss_when_distillation_hurt_it():
+    students = {"SS": "ss", "SS+TS": "ss_ts", "QKD (SS+CS+TS)": "qkd"}
+    # The DPU recipe of issue 13: SS 97.5, SS+TS 31 (train), QKD 84.3.
+    run = _StubRun({"SS": 97.5, "SS+TS": 31.0, "QKD (SS+CS+TS)": 84.3})
+    qkd._keep_best_student(run, students)
+    assert run.saved == {"student_best": "ss"}
+    warnings = [line for line in run.lines if line.startswith("warning:")]
+    assert len(warnings) == 2 and "QKD (SS+CS+TS) ended 13.2 points of training top-1 below SS" in warnings[1]
+    assert [r["method"] for r in run.results if r["exported"]] == ["SS"]
+    # Within a point of SS, QKD is kept (the w4a4 quick run: SS 97.3, SS+TS 96.8, QKD 97.6).
+    run = _StubRun({"SS": 97.3, "SS+TS": 96.8, "QKD (SS+CS+TS)": 96.5})
+    qkd._keep_best_student(run, students)
+    assert run.saved == {"student_best": "qkd"} and not any(line.startswith("warning:") for line in run.lines)
 
 
 def test_qkd_recipe_rerun_reuses_the_stage_models(qkd_run, tiny_config):

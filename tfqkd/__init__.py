@@ -15,11 +15,13 @@ from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
 from tfqkd.models import create_model, list_models, register_model
 from tfqkd.quant import QuantPolicy, custom_objects, quantize
-from tfqkd.training import WarmupMultiStep, make_sgd
+from tfqkd.training import DeadRunAlarm, WarmupMultiStep, make_sgd
 
-__version__ = "0.1.0"
+# 0.2: learned steps are stored as log-steps (0.1 files convert in load_model).
+__version__ = "0.2.0"
 
 __all__ = [
+    "DeadRunAlarm",
     "QKD",
     "QuantPolicy",
     "TfqkdError",
