@@ -396,3 +396,19 @@ def test_files_of_tfqkd_0_1_with_linear_steps_load_converted(tmp_path):
     _make_legacy_h5(legacy, qmodel, step_of=lambda step: -step)
     with pytest.raises(TfqkdError, match=r"layer '\w+' of .*legacy.h5 has a learned step of -[0-9.e-]+: .*train it again"):
         tfqkd.load_model(legacy)
+
+
+def test_saving_a_quantized_model_warns_nothing_about_serialization(tmp_path):
+    data = np.random.default_rng(2).random((8, 8, 8, 3)).astype("float32")
+    qmodel = quantize(_small_cnn(), {"default": {"weight_bits": 4, "activation_bits": 4, "bias_bits": 8}}, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("m.h5", "m.keras"):
+            qmodel.save(tmp_path / name)
+        config = qmodel.get_config()
+    assert not [w for w in caught if "serialize" in str(w.message)], [str(w.message)[:100] for w in caught]
+    layer = next(entry for entry in config["layers"] if entry["name"] == "dw")["config"]
+    assert layer["depthwise_quantizer"]["registered_name"] == "tfqkd>LearnedStepQuantizer"
+    assert layer["bias_quantizer"]["config"]["bits"] == 8
+    for name in ("m.h5", "m.keras"):
+        np.testing.assert_array_equal(tfqkd.load_model(tmp_path / name)(data).numpy(), qmodel(data).numpy())

@@ -42,10 +42,33 @@ def _build_quantizer(layer, quantizer, role, shape):
 
 
 class _WeightQuantizedMixin:
-    """Shared by the conv and dense layers: build state, drop QKeras' clipping."""
+    """Shared by the conv and dense layers: build state, drop QKeras' clipping, serialize quantizers."""
 
     #: (attribute holding the weight quantizer, name of the weight, role).
     _weight_roles = (("kernel_quantizer_internal", "kernel", "kernel"),)
+    #: Attribute holding a quantizer -> its key in the layer config.
+    _quantizer_keys = {
+        "kernel_quantizer_internal": "kernel_quantizer",
+        "depthwise_quantizer_internal": "depthwise_quantizer",
+        "bias_quantizer_internal": "bias_quantizer",
+    }
+
+    def get_config(self):
+        # QKeras writes quantizers with keras.constraints.serialize(), which warns
+        # on every save that they are not Constraints. Hide them from QKeras'
+        # get_config (bypassing Keras' attribute tracking) and serialize them as
+        # the Keras objects they are.
+        held = {attr: getattr(self, attr) for attr in self._quantizer_keys if getattr(self, attr, None) is not None}
+        for attr in held:
+            object.__setattr__(self, attr, None)
+        try:
+            config = super().get_config()
+        finally:
+            for attr, quantizer in held.items():
+                object.__setattr__(self, attr, quantizer)
+        for attr, quantizer in held.items():
+            config[self._quantizer_keys[attr]] = keras.utils.serialize_keras_object(quantizer)
+        return config
 
     def _restore_float_behaviour(self, kernel_initializer, kernel_constraint, bias_constraint):
         init_attr = "depthwise_initializer" if hasattr(self, "depthwise_initializer") else "kernel_initializer"
