@@ -469,3 +469,17 @@ def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch):
     assert len(lines) == 1 and "Traceback" not in err
     assert "training is dead in stage student_fp: in epoch 1" in lines[0]
     assert not (run_dir / "models" / "student_fp.h5").exists()
+
+
+@pytest.mark.parametrize("run_dir", ["/proc/tfqkd-nope", "/proc/tfqkd-nope/deeper", "/sys/tfqkd-nope"])
+def test_unwritable_run_directory_is_one_line_before_training(tmp_path, capsys, run_dir):
+    import tfqkd.recipes.qkd as qkd
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(_LR_1E6)
+    assert qkd.main(["--config", str(config), "--run-dir", run_dir]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be written" in lines[0] and run_dir in lines[0], lines
+    assert "[tfqkd] stage" not in captured.out  # nothing trained
+    assert not Path(run_dir).exists()
