@@ -40,5 +40,5 @@ def test_2_bit_runs_without_calibration_learn(mnist5k):
 
 def test_dead_run_definition():
     assert is_dead_run(0.092, 2.303, 10) and is_dead_run(0.5, float("nan"), 10) and is_dead_run(0.2, 2.29, 10)
-    assert not is_dead_run(0.90, 0.3, 10)
+    assert not is_dead_run(0.90, 0.3, 10) and not is_dead_run(0.53, 1.4, 10)
     assert set(OPTIMIZERS) == {"adam_1e-3", "sgd_0.05_m0.9", "sgd_0.1_nesterov"}

@@ -3,10 +3,14 @@
 A grid of short trainings of a quantized model from scratch, as a new user
 would write it (``create_model(..., quant=...)``, ``compile``, ``fit``, no
 calibration data), each with its own seed and optimizer. A run is *dead*
-when it ends at chance: test accuracy at most ``1.5 / classes`` or a final
-training loss at ``ln(classes)``. With learned steps trained in linear
-space, 10 of 24 such w8a8 MLP runs ended with a loss above 1.0; the grid
-is the regression check for that.
+when its training ends at chance: a final training loss at ``ln(classes)``
+or a training accuracy at most ``1.5 / classes`` (the network stopped
+learning). Test accuracy is reported too, but does not decide: after a
+few hundred updates the moving statistics of BatchNormalization lag the
+weights, so a live CNN can score far lower in inference mode than in
+training, float or quantized alike (the ``fp32`` control shows it). With
+learned steps trained in linear space, 10 of 24 short w8a8 MLP runs ended
+with a loss above 1.0; the grid is the regression check for that.
 """
 
 import math
@@ -27,9 +31,9 @@ OPTIMIZERS = {
 }
 
 
-def is_dead_run(test_accuracy, final_loss, num_classes):
-    """Whether a finished run is at chance (test accuracy in [0, 1])."""
-    at_chance = test_accuracy <= 1.5 / num_classes
+def is_dead_run(train_accuracy, final_loss, num_classes):
+    """Whether a finished run's training ended at chance (accuracy in [0, 1])."""
+    at_chance = train_accuracy <= 1.5 / num_classes
     flat = not math.isfinite(final_loss) or final_loss >= 0.98 * math.log(num_classes)
     return bool(at_chance or flat)
 
@@ -69,7 +73,7 @@ def train_run(model_name, policy, optimizer, seed, data, *, epochs=2, batch_size
         x_train, y_train = x_train[: steps_per_epoch * batch_size], y_train[: steps_per_epoch * batch_size]
     history = model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=0).history
     test_accuracy = float(model.evaluate(x_test, y_test, batch_size=256, verbose=0)[1])
-    final_loss = float(history["loss"][-1])
+    final_loss, train_accuracy = float(history["loss"][-1]), float(history["accuracy"][-1])
     ratios = np.array([float(q.step.numpy()[0]) for q in learned]) / initial if learned else None
     return {
         "model": model_name,
@@ -78,9 +82,9 @@ def train_run(model_name, policy, optimizer, seed, data, *, epochs=2, batch_size
         "seed": int(seed),
         "epochs": int(epochs),
         "final_loss": round(final_loss, 4),
-        "train_accuracy": round(float(history["accuracy"][-1]), 4),
+        "train_accuracy": round(train_accuracy, 4),
         "test_accuracy": round(test_accuracy, 4),
-        "dead": is_dead_run(test_accuracy, final_loss, num_classes),
+        "dead": is_dead_run(train_accuracy, final_loss, num_classes),
         "step_ratio": None if ratios is None else [round(float(ratios.min()), 3), round(float(ratios.max()), 3)],
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -183,7 +183,8 @@ class TfqkdQuantizer:
         return cls(**config)
 
 
-def _learned_step_fake_quant(qmin, qmax, grad_scale):
+@tf.custom_gradient
+def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     """Fake quantization on a step ``s = exp(u)``, with the LSQ gradient taken in log space.
 
     Forward: ``s * round(clip(x / s, qmin, qmax))``. Backward:
@@ -202,27 +203,27 @@ def _learned_step_fake_quant(qmin, qmax, grad_scale):
     moves ``s`` by about ``lr`` relatively per step, and the clip bounds what
     SGD can do with any learning rate. (The owning layer also keeps ``s``
     within a factor ``STEP_BAND`` of its initial step: ``log_step_bounds``.)
+
+    Defined once at module level: building a ``tf.custom_gradient`` inside
+    code that AutoGraph converts fails (it converts the decorator's own
+    ``__init__``).
     """
+    step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
+    scaled = x / step
+    clipped = tf.clip_by_value(scaled, qmin, qmax)
+    codes = tf.round(clipped)
 
-    @tf.custom_gradient
-    def fake_quant(x, log_step):
-        step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
-        scaled = x / step
-        clipped = tf.clip_by_value(scaled, qmin, qmax)
-        codes = tf.round(clipped)
+    def grad(upstream):
+        inside = tf.cast((scaled >= qmin) & (scaled <= qmax), upstream.dtype)
+        grad_x = upstream * inside
+        # d(s * round(clip(x/s)))/ds: the rounding error inside, the clipped code outside.
+        per_element = inside * (codes - scaled) + (1.0 - inside) * clipped
+        relative = tf.reduce_sum(upstream * per_element) * grad_scale / step
+        bound = tf.norm(upstream) / (tf.norm(x) + 1e-12)
+        constant = tf.zeros_like(qmin)
+        return grad_x, tf.clip_by_value(relative, -bound, bound), constant, constant, constant
 
-        def grad(upstream):
-            inside = tf.cast((scaled >= qmin) & (scaled <= qmax), upstream.dtype)
-            grad_x = upstream * inside
-            # d(s * round(clip(x/s)))/ds: the rounding error inside, the clipped code outside.
-            per_element = inside * (codes - scaled) + (1.0 - inside) * clipped
-            relative = tf.reduce_sum(upstream * per_element) * grad_scale / step
-            bound = tf.norm(upstream) / (tf.norm(x) + 1e-12)
-            return grad_x, tf.clip_by_value(relative, -bound, bound)
-
-        return codes * step, grad
-
-    return fake_quant
+    return codes * step, grad
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
@@ -332,8 +333,8 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             step = tf.cast(self.step[0], x.dtype)
             return round_ste(tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))) * step
         grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
-        fake_quant = _learned_step_fake_quant(float(self.qmin), float(self.qmax), grad_scale)
-        return fake_quant(x, tf.cast(self.log_step[0], x.dtype))
+        constants = [tf.constant(v, x.dtype) for v in (self.qmin, self.qmax, grad_scale)]
+        return _learned_step_fake_quant(x, tf.cast(self.log_step[0], x.dtype), *constants)
 
     def initialize(self, values, method="minmax"):
         """Sets the step from sample values.
