@@ -51,3 +51,23 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert "weight_bits must be an integer in [1, 16], got 17" in lines[0]
     assert not (tmp_path / "run").exists()  # rejected before anything is written
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "--target", "tflite", "--dataset", "digits"],
+    ["bench", "--backends", "keras_fp32"],
+    ["analyze", "--data", "digits"],
+])  # fmt: skip
+@pytest.mark.parametrize("out", ["/proc/tfqkd-nope", "/sys/tfqkd-nope/deeper"])
+def test_unwritable_output_directory_is_one_line_and_creates_nothing(tmp_path, capsys, command, out):
+    import tfqkd
+
+    model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(8, 8, 1), quant="w8a8")
+    path = tmp_path / "model.h5"
+    model.save(path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [command[0], str(path), *command[1:], "--out", out]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be written" in lines[0] and repr(out) in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

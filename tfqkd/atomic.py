@@ -12,9 +12,12 @@ import contextlib
 import csv
 import io
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["replacing", "temporary_name", "write_bytes", "write_csv", "write_text"]
+from tfqkd.errors import TfqkdError
+
+__all__ = ["ensure_directory", "replacing", "temporary_name", "write_bytes", "write_csv", "write_text"]
 
 
 def temporary_name(path):
@@ -73,3 +76,32 @@ def write_csv(path, rows, fieldnames):
         with open(tmp, "w", newline="") as handle:
             handle.write(buffer.getvalue())
     return Path(path)
+
+
+def ensure_directory(path, what="output directory"):
+    """Creates directory ``path`` and proves it writable, before any long work; one-line error if not.
+
+    Permission bits do not tell (root passes every check and /proc refuses
+    anyway), so this creates the directory and a probe file. When that
+    fails, the directories it made are removed again and a
+    :class:`~tfqkd.errors.TfqkdError` names the path and the reason.
+
+    Args:
+      path: the directory.
+      what: how the error message names it ("run directory", "--out").
+
+    Returns:
+      ``Path(path)``.
+    """
+    path = Path(path)
+    missing = [part for part in (path, *path.parents) if not part.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        for part in missing:  # deepest first; only directories made here, and only if still empty
+            with contextlib.suppress(OSError):
+                part.rmdir()
+        raise TfqkdError(f"{what} {str(path)!r} cannot be written: {err.strerror or type(err).__name__}") from None
+    return path

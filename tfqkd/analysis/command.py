@@ -14,6 +14,7 @@ It writes ``layerwise.csv``, ``weights_hist.png`` and ``activations_hist.png`` i
 
 from pathlib import Path
 
+from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.rundir import quantized_student
 
@@ -89,7 +90,7 @@ def run_analyze(args):
         raise TfqkdError(f"--examples must be at least 1, got {args.examples}")
     info = data.dataset_info(args.data)
     model_path, model_name, out = resolve_source(args.source, args.data)
-    out = Path(args.out) if args.out else out
+    out = atomic.ensure_directory(Path(args.out) if args.out else out, "analysis directory")
     if model_path is not None:
         model = load_model(model_path, unsafe=args.unsafe)
         label = str(model_path)

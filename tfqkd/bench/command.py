@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.rundir import quantized_student
 
@@ -292,6 +293,13 @@ def run_bench(args):
     _set_tf_threads(args.threads)
     start = time.perf_counter()
     resolved = resolve_target(args.target, num_classes=args.num_classes, unsafe=args.unsafe)
+    if args.out:
+        out = Path(args.out)
+    elif resolved["run_dir"] is not None:
+        out = resolved["run_dir"] / "bench"
+    else:
+        out = Path(f"bench-{resolved['name']}")
+    atomic.ensure_directory(out, "bench directory")  # before minutes of timing
     print(f"benchmarking {resolved['name']} ({resolved['source']})", flush=True)
     payload = benchmark(
         resolved, backends=args.backends, batch_sizes=args.batch_sizes, threads=args.threads,
@@ -299,12 +307,6 @@ def run_bench(args):
         time_budget_s=args.time_budget, int8_io=not args.float_io, xnnpack=not args.no_xnnpack, layout=args.layout,
         log=lambda s: print(s, flush=True),
     )
-    if args.out:
-        out = Path(args.out)
-    elif resolved["run_dir"] is not None:
-        out = resolved["run_dir"] / "bench"
-    else:
-        out = Path(f"bench-{resolved['name']}")
     paths = write_outputs(payload, out)
     print()
     print(format_table(payload["table"], f"{payload['model']} on {payload['machine']['cpu']} "

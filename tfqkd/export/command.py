@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.rundir import QUANTIZED_STUDENTS, quantized_student
 
@@ -115,6 +116,7 @@ def run_tflite_export(args):
         raise TfqkdError(f"no such run directory or model file: {source}")
     if not dataset:
         raise TfqkdError("no dataset for calibration and validation: pass --dataset (a model file has none)")
+    atomic.ensure_directory(out_dir, "export directory")  # before the model is loaded or converted
     kinds = KINDS if args.kind == "all" else (args.kind,)
     stem = model_path.stem
     targets = {kind: out_dir / f"{stem}_{kind}.tflite" for kind in kinds}

@@ -2,11 +2,11 @@
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tfqkd import atomic
 from tfqkd.cli import ArgumentParser
 from tfqkd.errors import TfqkdError
 from tfqkd.recipes.config import budget_config, load_config, merge, show, validate_config
@@ -103,28 +103,8 @@ def _check_run_dir(path):
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise TfqkdError(f"run directory {show(text)}: {show(str(part))} is a file, not a directory")
-    _check_writable(path, "run directory")
+    atomic.ensure_directory(path, "run directory")
     return path
-
-
-def _check_writable(path, what):
-    """Creates ``path`` (a directory) and writes a probe file in it; undoes what it made if that fails.
-
-    Permission bits do not tell (root passes every check, /proc refuses
-    anyway), so this tries, before any data is loaded or model trained.
-    """
-    missing = [part for part in (path, *path.parents) if not part.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        for part in missing:  # deepest first: only directories this check created, if still empty
-            try:
-                part.rmdir()
-            except OSError:
-                pass
-        raise TfqkdError(f"{what} {show(str(path))} cannot be written: {err.strerror or type(err).__name__}") from None
 
 
 def resolve_run_dir(args, recipe, config):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.export.dpu.bundle import ARCHS, compile_command, write_bundle
 from tfqkd.export.dpu.compat import CompatReport, check_model
@@ -107,6 +108,7 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TfqkdError(f"output path {out_dir} exists and is not a directory")
+    atomic.ensure_directory(out_dir.parent, "the directory of the DPU output")  # the bundle is staged there
     dpu_model, source = _dpu_training_model(model, calibration_data)
     graph = graph_from_dpu_model(dpu_model)
     problems = check_limits(graph)
