@@ -412,3 +412,48 @@ def test_saving_a_quantized_model_warns_nothing_about_serialization(tmp_path):
     assert layer["bias_quantizer"]["config"]["bits"] == 8
     for name in ("m.h5", "m.keras"):
         np.testing.assert_array_equal(tfqkd.load_model(tmp_path / name)(data).numpy(), qmodel(data).numpy())
+
+
+def test_every_quantizer_states_the_grid_its_outputs_lie_on():
+    """The quantizer contract: exporters read grid(), never the quantizer's class."""
+    from tfqkd.quant.dpu import DPUQuantizer
+    from tfqkd.quant.grid import Grid
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(64) * 0.7).astype("float32")
+    cases = [
+        (LearnedStepQuantizer(4, signed=True, narrow_range=True), True),
+        (LearnedStepQuantizer(3, signed=False), True),
+        (AffineQuantizer(8, signed=True), False),  # weights: the scale follows the tensor
+        (AffineQuantizer(4, signed=False, running=True), True),
+        (tfqkd.quant.Pof2Quantizer(8, rounding="even"), False),
+        (tfqkd.quant.Pof2Quantizer(8, rounding="half_up", running=True), True),
+        (DPUQuantizer(rounding="half_up"), True),
+    ]
+    for quantizer, stored in cases:
+        _bound(quantizer, shape=x.shape)
+        quantizer.initialize(x)
+        out = quantizer(tf.constant(x), training=False).numpy().astype(np.float64)
+        grid = quantizer.grid(None if stored else x)
+        assert isinstance(grid, Grid)
+        codes = out / grid.scale + grid.zero
+        np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3, err_msg=repr(quantizer))
+        assert codes.min() >= grid.qmin - 1e-3 and codes.max() <= grid.qmax + 1e-3, repr(grid)
+        assert len(quantizer.state_variables()) == len(quantizer.variable_specs())
+    assert DPUQuantizer(rounding="half_up").grid is not None
+    with pytest.raises(TfqkdError, match="data-dependent scale"):
+        _bound(AffineQuantizer(8)).grid()
+
+
+def test_one_list_of_quantizer_state_for_decay_and_parameter_counts():
+    from tfqkd.export.size import count_parameters
+    from tfqkd.quant.quantizers import quantizer_state_suffixes
+    from tfqkd.recipes import runner
+
+    suffixes = quantizer_state_suffixes()
+    assert {"_log_step", "_min", "_max", "_absmax", "_pos"} <= set(suffixes)
+    assert runner._NO_DECAY == suffixes
+    float_model = _small_cnn()
+    qmodel = quantize(float_model, "w4a4", np.random.default_rng(0).random((4, 8, 8, 3)).astype("float32"))
+    assert count_parameters(qmodel) == count_parameters(float_model)
+    assert tfqkd.export.Grid is tfqkd.quant.grid.Grid

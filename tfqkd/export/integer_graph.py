@@ -48,7 +48,8 @@ from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
-from tfqkd.quant.quantizers import AffineQuantizer, LearnedStepQuantizer, Pof2Quantizer, TfqkdQuantizer
+from tfqkd.quant.grid import Grid
+from tfqkd.quant.quantizers import AffineQuantizer, TfqkdQuantizer
 
 __all__ = ["LAYOUTS", "Grid", "IntegerGraph", "activation_grid", "weight_codes"]
 
@@ -67,50 +68,6 @@ _BIAS_SEARCH = np.arange(-256, 257, dtype=np.float64)
 _OUTPUT_MARGIN = 0.1
 
 
-class Grid:
-    """A uniform quantization grid: ``real = (code - zero) * scale``, ``code`` in ``[qmin, qmax]``.
-
-    Args:
-      scale: the step (float).
-      zero: the integer code of real zero.
-      qmin, qmax: the inclusive code range.
-    """
-
-    def __init__(self, scale, zero, qmin, qmax):
-        self.scale = float(scale)
-        self.zero = int(zero)
-        self.qmin = int(qmin)
-        self.qmax = int(qmax)
-
-    @property
-    def levels(self):
-        """Number of codes."""
-        return self.qmax - self.qmin + 1
-
-    def as_dict(self):
-        return {"scale": self.scale, "zero": self.zero, "qmin": self.qmin, "qmax": self.qmax}
-
-    def int8_window(self):
-        """The int8 encoding of this grid.
-
-        Returns:
-          ``(low, high, zero_point)``: the shifted codes ``code - zero`` that the
-          int8 tensor's 256 values cover (``high = low + 255``) and the TFLite
-          zero point. Signed grids that fit are centred (zero point 0);
-          otherwise the lowest code maps to -128 (unsigned: zero point -128).
-        """
-        lo_code, hi_code = self.qmin - self.zero, self.qmax - self.zero
-        if lo_code < 0 and lo_code >= -128 and hi_code <= 127:
-            low = -128
-        else:
-            low = lo_code
-        return low, low + 255, -128 - low
-
-
-def _scalar(variable):
-    return float(np.asarray(variable).reshape(-1)[0])
-
-
 def activation_grid(quantizer, layer_name):
     """The trained grid of an activation quantizer (its state after training).
 
@@ -124,29 +81,9 @@ def activation_grid(quantizer, layer_name):
     Raises:
       TfqkdError: quantizers that cannot be expressed as one int8 tensor.
     """
-    if isinstance(quantizer, LearnedStepQuantizer):
-        # The forward pass uses max(step, 1e-8); mirror it.
-        grid = Grid(max(_scalar(quantizer.step.numpy()), 1e-8), 0, quantizer.qmin, quantizer.qmax)
-    elif isinstance(quantizer, AffineQuantizer):
-        if not quantizer.running:
-            raise TfqkdError(
-                f"layer '{layer_name}': an affine activation quantizer without running min/max has a "
-                "data-dependent scale per batch, which a TFLite int8 tensor cannot represent"
-            )
-        lo = tf.constant(_scalar(quantizer.variable("min").numpy()), tf.float32)
-        hi = tf.constant(_scalar(quantizer.variable("max").numpy()), tf.float32)
-        scale, zero = quantizer.scale_and_zero_point(lo, hi)
-        grid = Grid(float(scale.numpy()), int(zero.numpy()), quantizer.qmin, quantizer.qmax)
-    elif isinstance(quantizer, Pof2Quantizer):
-        if not quantizer.running:
-            raise TfqkdError(
-                f"layer '{layer_name}': a power-of-two activation quantizer without a running maximum has a "
-                "data-dependent scale per batch, which a TFLite int8 tensor cannot represent"
-            )
-        pos = float(quantizer.position_for(quantizer.variable("absmax")[0]).numpy())
-        grid = Grid(2.0**-pos, 0, quantizer.qmin, quantizer.qmax)
-    else:
+    if not isinstance(quantizer, TfqkdQuantizer):
         raise TfqkdError(f"layer '{layer_name}': unsupported activation quantizer {type(quantizer).__name__}")
+    grid = quantizer.grid()  # TfqkdError when the scale follows each batch (no running statistics)
     if grid.levels > 256:
         raise TfqkdError(
             f"layer '{layer_name}': {quantizer.bits}-bit activations do not fit an int8 TFLite tensor (at most 8 bits)"
@@ -171,17 +108,10 @@ def weight_codes(quantizer, weight, layer_name):
       TfqkdError: when the trained codes cannot be stored as symmetric int8
         weights (asymmetric 8-bit weights whose shifted codes exceed +-127).
     """
-    fake = quantizer(tf.convert_to_tensor(weight), training=False).numpy().astype(np.float64)
-    w = np.asarray(weight, dtype=np.float32)
-    if isinstance(quantizer, LearnedStepQuantizer):
-        scale = max(_scalar(quantizer.step.numpy()), 1e-8)
-    elif isinstance(quantizer, AffineQuantizer):
-        s, _ = quantizer.scale_and_zero_point(tf.reduce_min(w), tf.reduce_max(w))
-        scale = float(s.numpy())
-    elif isinstance(quantizer, Pof2Quantizer):
-        scale = 2.0 ** -float(quantizer.position_for(tf.reduce_max(tf.abs(w))).numpy())
-    else:
+    if not isinstance(quantizer, TfqkdQuantizer):
         raise TfqkdError(f"layer '{layer_name}': unsupported weight quantizer {type(quantizer).__name__}")
+    fake = quantizer(tf.convert_to_tensor(weight), training=False).numpy().astype(np.float64)
+    scale = quantizer.grid(np.asarray(weight, dtype=np.float32)).scale
     codes = np.rint(fake / scale)
     if np.max(np.abs(fake - codes * scale), initial=0.0) > 1e-3 * scale:
         raise TfqkdError(f"layer '{layer_name}': fake-quantized weights are not on the grid of step {scale:g}")

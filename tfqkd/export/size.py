@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd.export.tflite import atomic_write
+from tfqkd.quant.quantizers import quantizer_state_suffixes
 
 __all__ = ["count_parameters", "size_report", "write_size_report"]
 
-# Quantizer state (learned steps, running ranges, DPU positions) is not a model parameter.
-_QUANTIZER_STATE = ("_step", "_min", "_max", "_absmax", "_pos")
 
 
 def count_parameters(model):
@@ -29,9 +28,10 @@ def count_parameters(model):
       as in the thesis's table 5.8.
     """
     total = 0
+    state = quantizer_state_suffixes()  # learned steps, running ranges, DPU positions: not parameters
     for weight in model.trainable_weights:
         name = weight.name.split(":")[0]
-        if name.endswith(_QUANTIZER_STATE):
+        if name.endswith(state):
             continue
         total += int(np.prod(weight.shape))
     return total

@@ -39,6 +39,7 @@ import qkeras
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant import quantizers as _quantizers
+from tfqkd.quant.grid import Grid
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
 from tfqkd.quant.quantizers import TfqkdQuantizer
 from tfqkd.quant.transform import as_functional, first_batch
@@ -116,6 +117,7 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """
 
     kind = "pof2"
+    STATE_NAMES = ("pos",)
 
     def __init__(self, bits=8, signed=True, narrow_range=False, rounding="half_up", initial_pos=4):
         if bits != 8:
@@ -151,6 +153,10 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
 
     def scale(self):
         return tf.pow(2.0, -self.pos[0])
+
+    def grid(self, values=None):
+        pos = float(self.pos.numpy()[0])
+        return Grid(2.0**-pos, 0, _QMIN, _QMAX, "half_even" if self.rounding == "even" else "half_up")
 
     def max(self):
         return float(_QMAX * 2.0**-self.initial_pos)

@@ -30,6 +30,7 @@ import qkeras
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.quant.grid import Grid
 
 __all__ = [
     "AffineQuantizer",
@@ -37,7 +38,9 @@ __all__ = [
     "Pof2Quantizer",
     "TfqkdQuantizer",
     "get_quantizer",
+    "quantizer_state_suffixes",
     "register_quantizer",
+    "registered_quantizers",
     "round_half_up",
     "validate_bits",
 ]
@@ -90,15 +93,22 @@ def _grad_scale(x, scale):
 
 
 class TfqkdQuantizer:
-    """Mixin holding what all tfqkd quantizers share.
+    """What every tfqkd quantizer is: the contract exporters, analyses and trainers rely on.
 
-    Subclasses define ``variable_specs()`` (the state they need), ``__call__``
-    and ``initialize(values)``. The owning layer calls
-    :meth:`build_variables` from its ``build`` so the state is a layer weight.
+    * ``__call__(x, training)``: the fake-quantized tensor (with a straight-through gradient);
+    * ``grid(values=None)``: the integer grid it puts values on (:class:`~tfqkd.quant.grid.Grid`):
+      of its state for activations, of ``values`` for weights whose scale follows the tensor;
+    * ``STATE_NAMES`` and ``variable_specs()``: which layer weights hold its state
+      (``<role>_<name>``), created by :meth:`build_variables` from the owning layer's ``build``;
+    * ``initialize(values)``: set that state from sample values (calibration);
+    * ``get_config``/``from_config``: Keras serialization, under the name registered with
+      :func:`register_quantizer` (the one registry for loading and ``custom_objects``).
     """
 
     #: Role-independent identifier used in policies ("lsq", "affine", "pof2").
     kind = None
+    #: Names of the state weights any instance may create (``variable_specs`` keys).
+    STATE_NAMES = ()
 
     def _init_common(self, bits, signed, narrow_range):
         qkeras.quantizers.BaseQuantizer.__init__(self)
@@ -156,6 +166,22 @@ class TfqkdQuantizer:
     def variable_constraint(self, name):
         """A projection the optimizer applies to state ``name`` after each update (None: none)."""
         return None
+
+    def grid(self, values=None):
+        """The integer grid of this quantizer (a :class:`~tfqkd.quant.grid.Grid`).
+
+        Args:
+          values: the tensor, for weight quantizers whose scale follows it
+            (min-max affine, power-of-two); quantizers with a stored scale ignore it.
+
+        Raises:
+          TfqkdError: the scale follows each batch and no ``values`` were given.
+        """
+        raise NotImplementedError
+
+    def state_variables(self):
+        """The layer weights holding this quantizer's state."""
+        return list(self._vars.values())
 
     def variable(self, name):
         """The layer weight backing state ``name`` (shape (1,))."""
@@ -252,6 +278,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """
 
     kind = "lsq"
+    STATE_NAMES = ("log_step",)
     #: How the state is stored; configs without it come from tfqkd 0.1 (linear step).
     PARAMETRIZATION = "log"
 
@@ -318,6 +345,9 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
 
     def scale(self):
         return self.step
+
+    def grid(self, values=None):
+        return Grid(float(self.step.numpy()[0]), 0, self.qmin, self.qmax)
 
     def max(self):
         return float(self.qmax * self.initial_step)
@@ -404,6 +434,7 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """
 
     kind = "affine"
+    STATE_NAMES = ("min", "max")
 
     def __init__(self, bits=8, signed=True, symmetric=False, running=False, narrow_range=False):
         self._init_common(bits, signed, narrow_range)
@@ -436,6 +467,19 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         scale = tf.maximum((hi - lo) / (qmax - qmin), 1e-12)
         zero_point = tf.clip_by_value(tf.round(qmin - lo / scale), qmin, qmax)
         return scale, zero_point
+
+    def grid(self, values=None):
+        if self.running:
+            lo, hi = self.variable("min")[0], self.variable("max")[0]
+        elif values is not None:
+            lo, hi = tf.reduce_min(values), tf.reduce_max(values)
+        else:
+            raise TfqkdError(
+                "an affine quantizer without running min/max has a data-dependent scale per batch, "
+                "which one integer tensor cannot represent"
+            )
+        scale, zero = self.scale_and_zero_point(tf.cast(lo, tf.float32), tf.cast(hi, tf.float32))
+        return Grid(float(scale.numpy()), int(zero.numpy()), self.qmin, self.qmax)
 
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
@@ -475,6 +519,7 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """
 
     kind = "pof2"
+    STATE_NAMES = ("absmax",)
 
     def __init__(self, bits=8, signed=True, narrow_range=False, rounding="even", running=False):
         if rounding not in ("even", "half_up"):
@@ -501,6 +546,19 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
             batch = tf.cast(tf.reduce_max(tf.abs(x)), absmax.dtype)
             absmax.assign(absmax + _EMA_MOMENTUM * (batch - absmax))
         return absmax[0]
+
+    def grid(self, values=None):
+        if self.running:
+            absmax = self.variable("absmax")[0]
+        elif values is not None:
+            absmax = tf.reduce_max(tf.abs(values))
+        else:
+            raise TfqkdError(
+                "a power-of-two quantizer without a running maximum has a data-dependent scale per batch, "
+                "which one integer tensor cannot represent"
+            )
+        pos = float(self.position_for(absmax).numpy())
+        return Grid(2.0**-pos, 0, self.qmin, self.qmax, "half_even" if self.rounding == "even" else "half_up")
 
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
@@ -545,6 +603,20 @@ def register_quantizer(cls):
 
 for _cls in list(_REGISTRY.values()):
     register_quantizer(_cls)
+
+
+def registered_quantizers():
+    """``{registered name: class}`` of every tfqkd quantizer: the one registry for loading and tools."""
+    return dict(_REGISTRY)
+
+
+def quantizer_state_suffixes():
+    """Weight-name suffixes of quantizer state (``_log_step``, ``_min``, ``_pos``, ...), from the registry.
+
+    Used to keep quantizer state out of weight decay and out of parameter counts.
+    """
+    names = {name for cls in _REGISTRY.values() for name in cls.STATE_NAMES}
+    return tuple(sorted(f"_{name}" for name in names))
 
 
 def get_quantizer(identifier):

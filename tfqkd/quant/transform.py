@@ -20,7 +20,13 @@ from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.layers import QActivation, quantized_layer_classes
 from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, resolve_policy
-from tfqkd.quant.quantizers import AffineQuantizer, LearnedStepQuantizer, Pof2Quantizer, TfqkdQuantizer
+from tfqkd.quant.quantizers import (
+    AffineQuantizer,
+    LearnedStepQuantizer,
+    Pof2Quantizer,
+    TfqkdQuantizer,
+    registered_quantizers,
+)
 
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX",
@@ -62,9 +68,8 @@ def custom_objects():
     objects = {}
     qkeras.utils._add_supported_quantized_objects(objects)
     objects.update(quantized_layer_classes())
-    for cls in (LearnedStepQuantizer, AffineQuantizer, Pof2Quantizer):
-        objects[keras.saving.get_registered_name(cls)] = cls
-    objects.update(dpu_custom_objects())
+    objects.update(dpu_custom_objects())  # registers the DPU quantizer too
+    objects.update(registered_quantizers())
     return objects
 
 

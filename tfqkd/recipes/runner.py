@@ -37,6 +37,7 @@ from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
 from tfqkd.models import create_model
 from tfqkd.quant import custom_objects
+from tfqkd.quant.quantizers import quantizer_state_suffixes
 from tfqkd.training import DivergenceGuard, WarmupMultiStep, make_sgd
 from tfqkd.training import check as check_divergence
 from tfqkd.training.checkpoint import EpochCheckpoint, clean_temporary, latest_checkpoint, list_checkpoints, restore
@@ -47,7 +48,7 @@ __all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_res
 
 # Quantizer steps and ranges are excluded from weight decay: decaying a step
 # shrinks the quantization interval, which is not a regulariser.
-_NO_DECAY = ("_step", "_min", "_max", "_absmax")
+_NO_DECAY = quantizer_state_suffixes()
 
 
 def copy_model(model):
