@@ -71,3 +71,10 @@ def test_unwritable_output_directory_is_one_line_and_creates_nothing(tmp_path, c
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot be written" in lines[0] and repr(out) in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_subpackages_are_attributes_after_import_tfqkd():
+    code = "import tfqkd; print(tfqkd.export.to_tflite.__name__, tfqkd.export.to_dpu.__name__, tfqkd.bench.sweep.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["to_tflite", "to_dpu", "sweep"]

@@ -20,6 +20,18 @@ from tfqkd.training import DeadRunAlarm, WarmupMultiStep, make_sgd
 # 0.2: learned steps are stored as log-steps (0.1 files convert in load_model).
 __version__ = "0.2.0"
 
+#: Subpackages reachable as attributes after ``import tfqkd`` (``tfqkd.export.to_tflite``), imported
+#: on first use: the exporters, benchmarks and analyses pull in TFLite and plotting.
+_SUBPACKAGES = ("analysis", "bench", "data", "distill", "export", "io", "models", "quant", "recipes", "training")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"tfqkd.{name}")
+    raise AttributeError(f"module 'tfqkd' has no attribute {name!r}")
+
 __all__ = [
     "DeadRunAlarm",
     "QKD",
