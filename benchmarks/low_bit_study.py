@@ -2,6 +2,7 @@
 
     python benchmarks/low_bit_study.py                       # both datasets, 3 seeds (about an hour on 2 cores)
     python benchmarks/low_bit_study.py --datasets digits --seeds 0
+    python benchmarks/low_bit_study.py --datasets mnist5k --bits 3 2 --methods QAT QKD --temperature 4 --tag t4
 
 Student ``kl_mlp_student`` (784-300-300-10 MLP); teacher a float ``densenet21``, clearly
 stronger than the float student on both bundled datasets (``mnist5k``: 4,000 train / 1,000
@@ -85,13 +86,21 @@ def _train_float(name, data, epochs, seed):
     return model
 
 
+#: What an ablation may change (--temperature, --alpha, --cs-teacher-lr); the defaults are the study's.
+SETTINGS = {"temperature": TEMPERATURE, "alpha": ALPHA, "cs_teacher_lr": QUANT_LR}
+
+
 def _phase(student, data, seed, tag, phase, epochs, teacher=None, cache=None):
     """Trains ``student`` in place for one QKD phase at the quantized learning rate."""
     x, y, _, _ = data
     if epochs <= 0:
         return
-    model = QKD(student, teacher, phase=phase, alpha=ALPHA, temperature=TEMPERATURE, teacher_logits=cache)
-    model.compile(_optimizer(QUANT_LR, None), teacher_optimizer=_optimizer(QUANT_LR, None) if phase == "cs" else None)
+    model = QKD(
+        student, teacher, phase=phase, alpha=SETTINGS["alpha"], temperature=SETTINGS["temperature"],
+        teacher_logits=cache,
+    )  # fmt: skip
+    teacher_optimizer = _optimizer(SETTINGS["cs_teacher_lr"], None) if phase == "cs" else None
+    model.compile(_optimizer(QUANT_LR, None), teacher_optimizer=teacher_optimizer)
     model.fit(_dataset(x, y, seed, tag), epochs=epochs, verbose=0)
 
 
@@ -101,8 +110,8 @@ def _cache(teacher, data):
     return precompute_teacher_logits(teacher, ordered, len(x))
 
 
-def run_cell(data, float_student, teacher, teacher_cache, bits, seed, budget):
-    """Test top-1 of PTQ, QAT, KD and QKD at ``bits`` for one seed."""
+def run_cell(data, float_student, teacher, teacher_cache, bits, seed, budget, methods=METHODS):
+    """Test top-1 of ``methods`` (PTQ, QAT, KD, QKD) at ``bits`` for one seed."""
     x, _, x_test, y_test = data
     policy = {"default": {"weight_bits": bits, "activation_bits": bits}, "first_last_bits": 8}
     keras.utils.set_random_seed(seed)
@@ -110,14 +119,16 @@ def run_cell(data, float_student, teacher, teacher_cache, bits, seed, budget):
     total = budget["ss"] + budget["cs"] + budget["ts"]
     out = {"PTQ": _accuracy(ptq, x_test, y_test)}
 
-    qat = copy_model(ptq)
-    _phase(qat, data, seed, 10 + bits, "ss", total)
-    out["QAT"] = _accuracy(qat, x_test, y_test)
-
-    kd = copy_model(ptq)
-    _phase(kd, data, seed, 20 + bits, "ts", total, cache=teacher_cache)
-    out["KD"] = _accuracy(kd, x_test, y_test)
-
+    if "QAT" in methods:
+        qat = copy_model(ptq)
+        _phase(qat, data, seed, 10 + bits, "ss", total)
+        out["QAT"] = _accuracy(qat, x_test, y_test)
+    if "KD" in methods:
+        kd = copy_model(ptq)
+        _phase(kd, data, seed, 20 + bits, "ts", total, cache=teacher_cache)
+        out["KD"] = _accuracy(kd, x_test, y_test)
+    if "QKD" not in methods:
+        return out
     qkd = copy_model(ptq)
     _phase(qkd, data, seed, 30 + bits, "ss", budget["ss"])
     co_teacher = copy_model(teacher)
@@ -140,7 +151,7 @@ def _verdict(a, b):
     return {"difference": round(diff, 2), "twice_pooled_std": round(2 * pooled, 2), "real": bool(abs(diff) > 2 * pooled)}
 
 
-def study(dataset, seeds, log):
+def study(dataset, seeds, log, bits_list=BITS, methods=METHODS):
     x, y = load_arrays(dataset, "train")
     x_test, y_test = load_arrays(dataset, "test")
     data = (x, y, x_test, y_test)
@@ -150,19 +161,20 @@ def study(dataset, seeds, log):
     teacher_acc = _accuracy(teacher, x_test, y_test)
     teacher_cache = _cache(teacher, data)
     log(f"{dataset}: teacher {TEACHER} {teacher_acc:.2f}% ({time.time() - start:.0f} s)")
-    cells = {str(b): {m: [] for m in METHODS} for b in BITS}
-    co_teacher, float_students = {str(b): [] for b in BITS}, []
+    cells = {str(b): {m: [] for m in methods} for b in bits_list}
+    co_teacher, float_students = {str(b): [] for b in bits_list}, []
     for seed in seeds:
         student = _train_float(STUDENT, data, budget["student"], seed)
         float_students.append(_accuracy(student, x_test, y_test))
         log(f"{dataset} seed {seed}: float student {float_students[-1]:.2f}%")
-        for bits in BITS:
+        for bits in bits_list:
             t = time.time()
-            result = run_cell(data, student, teacher, teacher_cache, bits, seed, budget)
-            for method in METHODS:
+            result = run_cell(data, student, teacher, teacher_cache, bits, seed, budget, methods)
+            for method in methods:
                 cells[str(bits)][method].append(result[method])
-            co_teacher[str(bits)].append(result["co_studied_teacher"])
-            log(f"{dataset} seed {seed} {bits}-bit: " + ", ".join(f"{m} {result[m]:.2f}" for m in METHODS)
+            if "co_studied_teacher" in result:
+                co_teacher[str(bits)].append(result["co_studied_teacher"])
+            log(f"{dataset} seed {seed} {bits}-bit: " + ", ".join(f"{m} {result[m]:.2f}" for m in methods)
                 + f" ({time.time() - t:.0f} s)")  # fmt: skip
     summary = {bits: {m: _stats(v) for m, v in row.items()} for bits, row in cells.items()}
     student_stats = _stats(float_students)
@@ -175,8 +187,8 @@ def study(dataset, seeds, log):
         "per_seed": cells,
         "co_studied_teacher_test_top1": co_teacher,
         "summary": summary,
-        "qkd_vs_qat": {bits: _verdict(row["QKD"], row["QAT"]) for bits, row in summary.items()},
-        "kd_vs_qat": {bits: _verdict(row["KD"], row["QAT"]) for bits, row in summary.items()},
+        "qkd_vs_qat": {bits: _verdict(row["QKD"], row["QAT"]) for bits, row in summary.items() if {"QKD", "QAT"} <= set(row)},
+        "kd_vs_qat": {bits: _verdict(row["KD"], row["QAT"]) for bits, row in summary.items() if {"KD", "QAT"} <= set(row)},
         "seconds": round(time.time() - start),
     }
 
@@ -185,13 +197,16 @@ def _plot(results, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, result in zip(axes[0], results):
-        for k, method in enumerate(METHODS):
-            means = [result["summary"][str(b)][method]["mean"] for b in BITS]
-            stds = [result["summary"][str(b)][method]["std"] for b in BITS]
-            ax.errorbar(np.arange(len(BITS)) + (k - 1.5) * 0.06, means, yerr=stds, marker="o", capsize=3, label=method)
+        bits_list = [int(b) for b in result["summary"]]
+        methods = [m for m in METHODS if m in next(iter(result["summary"].values()))]
+        for k, method in enumerate(methods):
+            means = [result["summary"][str(b)][method]["mean"] for b in bits_list]
+            stds = [result["summary"][str(b)][method]["std"] for b in bits_list]
+            x = np.arange(len(bits_list)) + (k - 1.5) * 0.06
+            ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.axhline(result["teacher"]["test_top1"], color="grey", ls="--", lw=1, label=f"float teacher ({TEACHER})")
         ax.axhline(result["float_student"]["test_top1"]["mean"], color="black", ls=":", lw=1, label="float student")
-        ax.set_xticks(np.arange(len(BITS)), [f"{b}-bit" for b in BITS])
+        ax.set_xticks(np.arange(len(bits_list)), [f"{b}-bit" for b in bits_list])
         ax.set_xlabel("weights and activations (first and last layer 8-bit)")
         ax.set_ylabel("test top-1 (%), mean ± std over seeds")
         ax.set_title(f"{STUDENT} on {result['dataset']}")
@@ -204,27 +219,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(BUDGET), choices=list(BUDGET))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=list(BITS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--alpha", type=float, default=ALPHA)
+    parser.add_argument("--cs-teacher-lr", type=float, default=QUANT_LR, help="the teacher's rate in co-studying")
+    parser.add_argument("--tag", default="", help="suffix of the output files (ablations)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    results = [study(name, args.seeds, lambda line: print(line, flush=True)) for name in args.datasets]
+    SETTINGS.update(temperature=args.temperature, alpha=args.alpha, cs_teacher_lr=args.cs_teacher_lr)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    results = [study(name, args.seeds, log, args.bits, args.methods) for name in args.datasets]
+    stem = "low_bit_study" + (f"_{args.tag}" if args.tag else "")
     payload = {
         "what": __doc__.split("\n\n")[0],
-        "alpha": ALPHA,
-        "temperature": TEMPERATURE,
+        "command": "python benchmarks/low_bit_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **SETTINGS,
         "float_lr": FLOAT_LR,
         "quantized_lr": QUANT_LR,
         "real_means": "|difference of means| > 2 x pooled std over seeds",
         "results": results,
     }
-    atomic.write_text(args.out / "low_bit_study.json", json.dumps(payload, indent=1))
-    _plot(results, args.out / "low_bit_study.png")
+    atomic.write_text(args.out / f"{stem}.json", json.dumps(payload, indent=1))
+    _plot(results, args.out / f"{stem}.png")
     for result in results:
         print(f"{result['dataset']}: teacher margin {result['teacher_margin_points']} points")
-        for bits in map(str, BITS):
-            row = result["summary"][bits]
-            verdict = result["qkd_vs_qat"][bits]
-            print(f"  {bits}-bit " + "  ".join(f"{m} {row[m]['mean']:.2f}±{row[m]['std']:.2f}" for m in METHODS)
-                  + f"  QKD-QAT {verdict['difference']:+.2f} ({'real' if verdict['real'] else 'within noise'})")  # fmt: skip
+        for bits, row in result["summary"].items():
+            verdict = result["qkd_vs_qat"].get(bits)
+            said = f"  QKD-QAT {verdict['difference']:+.2f} ({'real' if verdict['real'] else 'within noise'})" if verdict else ""
+            print(f"  {bits}-bit " + "  ".join(f"{m} {s['mean']:.2f}±{s['std']:.2f}" for m, s in row.items()) + said)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""TFLite export (issue 4, SPEC section 6): the int8 model keeps the trained grid.
+"""TFLite export (issue 4): the int8 model keeps the trained grid.
 
 Quick versions of the acceptance checks on real bundled MNIST digits:
 kl_mlp_student and a small pre-activation DenseNet (BN-ReLU-Conv, concat,

@@ -38,7 +38,7 @@ THESIS_COUNTS = {
     ("kl_mlp_teacher", 10): 2_395_210,
     ("kl_mlp_student", 10): 328_810,
 }
-# All weights including BN statistics: the SPEC's hand counts of the MLPerf Tiny references,
+# All weights including BN statistics: hand counts of the MLPerf Tiny reference models,
 # and the Keras-applications counts of MobileNetV1/V2 at width 1.0.
 TOTAL_COUNTS = {
     "resnet8": 78_666,

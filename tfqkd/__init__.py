@@ -1,6 +1,6 @@
 """tfqkd: Quantization-Aware Knowledge Distillation with QKeras, to TFLite int8 and the Xilinx DPU.
 
-Typical use (SPEC; thesis Algorithm 1)::
+Typical use (thesis Algorithm 1; docs/architecture.md)::
 
     import tfqkd
     student = tfqkd.create_model("densenet21", num_classes=10, quant="w4a4")

@@ -3,7 +3,7 @@
 Everything a run leaves behind (configs, results, models, charts, exported
 files) is written to a hidden temporary file in the destination directory
 and renamed over the destination once complete: a crash or a failed export
-leaves either the previous file or nothing, never a truncated one (SPEC 9).
+leaves either the previous file or nothing, never a truncated one.
 The temporary name keeps the destination's suffix (``.name.tmp.h5``) because
 Keras and matplotlib choose the format from it.
 """

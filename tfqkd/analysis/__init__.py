@@ -1,4 +1,4 @@
-"""Analysis and design tools (SPEC section 8; seeds 002, 003, 004).
+"""Analysis and design tools (the mixed-precision, hardware-aware and precision-scalable studies the thesis builds on).
 
 * :mod:`tfqkd.analysis.layerwise`: per-layer weight/activation statistics, SQNR, CSV,
   histogram PNGs and a TensorBoard callback (seed 003, Yun 2022).

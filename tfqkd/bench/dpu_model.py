@@ -122,7 +122,7 @@ class DPUConfig:
             raise TfqkdError(f"overhead_cycles must be >= 0, got {self.overhead_cycles}")
 
 
-#: Thesis measurements on a ZCU102 with three B4096 cores at 300 MHz (SPEC section 7).
+#: Thesis measurements on a ZCU102 with three B4096 cores at 300 MHz (thesis chapter 7).
 THESIS_DPU = {
     "densenet21": {"latency_ms": 0.69, "throughput": 3674.0},
     "densenet37": {"latency_ms": 1.11, "throughput": 2251.0},

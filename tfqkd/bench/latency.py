@@ -30,7 +30,7 @@ __all__ = [
     "tflite_backend",
 ]
 
-#: Powers of two from 1 to 1024 (SPEC section 7).
+#: Powers of two from 1 to 1024 (thesis chapter 7's sweep).
 DEFAULT_BATCH_SIZES = tuple(2**i for i in range(11))
 
 

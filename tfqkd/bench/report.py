@@ -16,7 +16,7 @@ __all__ = [
     "write_json",
 ]
 
-#: Thesis table 7.1, DenseNet-21 on CIFAR-10 (SPEC section 7): platform, img/s, latency ms, power W.
+#: Thesis table 7.1, DenseNet-21 on CIFAR-10: platform, img/s, latency ms, power W.
 #: Only the DPU's power (22.8 W on the ZCU102) is given; energy is shown where P is known.
 THESIS_TABLE_7_1 = (
     {"platform": "CPU i5-8600K FP32 (thesis)", "throughput": 665.0, "latency_ms": 6.59, "power_watts": None},

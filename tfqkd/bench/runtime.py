@@ -1,6 +1,6 @@
 """The edge runtime used to time TFLite models: ai-edge-litert, tflite-runtime, tf.lite.
 
-SPEC section 1: ``ai_edge_litert`` is the maintained successor of
+``ai_edge_litert`` is the maintained successor of
 ``tflite_runtime``; ``tflite_runtime`` is accepted as a fallback and
 ``tf.lite.Interpreter`` comes last.
 """

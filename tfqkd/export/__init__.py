@@ -1,6 +1,6 @@
 """Export: TFLite (int8 keeping the trained grid, float32, float16), the Xilinx DPU, validation, size report.
 
-SPEC section 6; thesis chapter 6 and table 5.8.
+Thesis chapter 6 and table 5.8; docs/architecture.md.
 """
 
 from tfqkd.export.dpu import to_dpu

@@ -2,8 +2,8 @@
 
 The TFLite converter leaves bookkeeping in the file that the runtime never
 needs. :func:`compact_tflite` removes it without touching any arithmetic, so
-the int8, float32 and float16 files are compared like for like (SPEC section
-6 size report, thesis table 5.8):
+the int8, float32 and float16 files are compared like for like (the size
+report, thesis table 5.8):
 
 * debug tensor names (the converter's ``"block1_layer1_relu1/Relu;...;
   FakeQuantWithMinMaxVars_5"`` strings), as TFLite's own

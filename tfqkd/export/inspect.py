@@ -1,7 +1,7 @@
 """Reading a .tflite file: operators, tensor types and quantization parameters.
 
 Used by the validation, the size report and the tests to check what the
-exporter promises (SPEC section 6): which operators run, that everything
+exporter promises: which operators run, that everything
 between the input QUANTIZE and the output DEQUANTIZE is integer, and the
 scales and integer codes TFLite actually stores.
 """
@@ -19,7 +19,7 @@ _BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
 
 
 def load_interpreter(model_path=None, model_content=None, *, preserve_all_tensors=False):
-    """An interpreter from the edge runtime, falling back as SPEC section 1 says.
+    """An interpreter from the edge runtime, falling back to TensorFlow's.
 
     Tries ``ai_edge_litert`` (the maintained successor of tflite-runtime),
     then ``tflite_runtime``, then ``tf.lite``.

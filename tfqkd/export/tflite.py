@@ -1,6 +1,6 @@
 """TFLite export: full-integer int8 that keeps the trained grid, plus float32 / float16.
 
-SPEC section 6; thesis chapter 6 (deployment of the quantized student) and
+Thesis chapter 6 (deployment of the quantized student) and
 table 7.1 (the "QCPU" int8 row). The int8 model is converted from the twin
 built by :class:`tfqkd.export.integer_graph.IntegerGraph`: trained weight
 codes and activation steps are pinned with fake-quant nodes, the remaining

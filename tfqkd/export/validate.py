@@ -1,6 +1,6 @@
 """Validation of an exported .tflite against the Keras fake-quant model it came from.
 
-SPEC section 6: the exported model is run with the edge runtime
+The exported model is run with the edge runtime
 (ai-edge-litert, else tflite-runtime, else tf.lite) on evaluation data; the
 report gives both top-1 accuracies, their top-1 agreement and the largest
 (dequantized) logit difference, and is written next to the model as

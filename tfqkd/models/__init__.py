@@ -1,4 +1,4 @@
-"""The tfqkd model zoo (SPEC section 3; thesis chapter 5.2, tables 5.2 and 5.8, chapter 6.1).
+"""The tfqkd model zoo (thesis chapter 5.2, tables 5.2 and 5.8, chapter 6.1).
 
 ``create_model(name, num_classes=..., input_shape=..., quant=...)`` builds any registered
 architecture as a functional Keras model that outputs logits. Families:

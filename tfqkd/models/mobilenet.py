@@ -1,7 +1,7 @@
 """MobileNetV1 and MobileNetV2 with width multipliers, written layer by layer.
 
 Howard et al., "MobileNets" (arXiv:1704.04861) and Sandler et al., "MobileNetV2" (CVPR 2018).
-They serve the hardware-aware distillation and depth-factorization studies (SPEC section 3).
+They serve the hardware-aware distillation and depth-factorization studies.
 Channel rounding follows the Keras/TF-slim references so that width 1.0 reproduces their
 parameter counts (V1 4,253,864; V2 3,538,984 at 1000 classes). Activations are ReLU6 layers
 (both references use ReLU6), convs have no bias because a BN follows each, and padding is

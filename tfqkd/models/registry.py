@@ -2,7 +2,7 @@
 
 Families register their builder functions with :func:`register_model`; users and recipes only
 ever call :func:`create_model`, :func:`list_models` and :func:`model_info` (the timm / larq
-pattern, SPEC section 2). A builder has the signature
+pattern; docs/architecture.md). A builder has the signature
 ``fn(num_classes, input_shape, **kwargs) -> keras.Model`` and returns a functional model that
 outputs logits.
 """

@@ -1,6 +1,6 @@
 """Quantization: QKeras layers and quantizers, per-layer bit policies, ``quantize``.
 
-See SPEC section 4 and thesis sections 3.5-3.6 and 5.1.9.
+See docs/architecture.md and thesis sections 3.5-3.6 and 5.1.9.
 """
 
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D, layer_quantizers, model_quantizers

@@ -1,6 +1,6 @@
 """The ``dpu`` training model: a QKeras twin whose forward pass is the Xilinx DPU's arithmetic.
 
-SPEC section 4 (DPU scheme) and thesis chapter 6: a student trained with QKD must see, during
+The DPU scheme (Vitis-AI pof2s) and thesis chapter 6: a student trained with QKD must see, during
 training, exactly the numbers the DPUCZDX8G will compute, or the board accuracy differs from the
 trained one. :func:`quantize_for_dpu` therefore rewrites a float model into the graph the
 Vitis-AI TF2 quantizer (``vai_q_tensorflow2``, ``pof2s`` strategy) hands to the compiler and
@@ -105,7 +105,7 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """8-bit power-of-two quantizer with a fixed position stored as a layer weight.
 
     ``x_hat = clip(round(x * 2**pos), -128, 127) * 2**-pos`` with the DPU's rounding: half to
-    even for weights and biases, half up for activations (SPEC 4; Vitis-AI ``Pof2SQuantizer``,
+    even for weights and biases, half up for activations (Vitis-AI ``Pof2SQuantizer``,
     ``vitis_quantize_ops.dpu_round``). The position is the owning layer's weight
     ``<role>_pos`` (``kernel_pos``, ``bias_pos``, ``input_pos``), set by
     :func:`calibrate_dpu_positions`; the straight-through estimator passes gradients inside the
@@ -219,7 +219,7 @@ class DPUAveragePooling2D(keras.layers.Layer):
     """Average pooling as the DPU computes it: ``sum * num / 2**shift`` over the window.
 
     Keras divides by ``k*k``; the DPU multiplies the window sum by a fixed-point factor
-    (SPEC 4; Vitis-AI ``VitisAveragePooling2D`` / ``VitisGlobalAveragePooling2D``). The sum is
+    (Vitis-AI ``VitisAveragePooling2D`` / ``VitisGlobalAveragePooling2D``). The sum is
     computed exactly (a depthwise convolution with ones, or a reduction), so values on the
     power-of-two grid stay exact in float32.
 
@@ -285,7 +285,7 @@ def fold_batchnorm(kernel, bias, bn_weights, epsilon, depthwise=False):
     """Folds a BatchNormalization into the preceding layer's kernel and bias.
 
     ``W' = W * gamma / sqrt(var + eps)`` per output channel and
-    ``b' = beta + (b - mean) * gamma / sqrt(var + eps)`` (SPEC 6; thesis 6.1).
+    ``b' = beta + (b - mean) * gamma / sqrt(var + eps)`` (thesis 6.1).
 
     Args:
       kernel: conv ``(kh, kw, in, out)``, depthwise ``(kh, kw, in, mult)`` or dense ``(in, out)``.

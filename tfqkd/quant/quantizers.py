@@ -1,6 +1,6 @@
 """Fake-quantizers for weights and activations, usable inside QKeras layers.
 
-Three schemes (SPEC section 4), all with a straight-through estimator (STE):
+Three schemes (docs/architecture.md), all with a straight-through estimator (STE):
 
 * :class:`LearnedStepQuantizer` -- the QKD scheme (Kim et al. 2019, "QKD:
   Quantization-aware Knowledge Distillation"): a trainable quantization

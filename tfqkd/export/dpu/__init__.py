@@ -1,6 +1,6 @@
 """Export to the Xilinx DPUCZDX8G: Vitis-AI TF2 quantized .h5, emulator and deploy bundle.
 
-SPEC section 6 and thesis chapter 6. :func:`to_dpu` checks the model against the DPU
+Thesis chapter 6. :func:`to_dpu` checks the model against the DPU
 (:mod:`.compat`), builds the DPU graph (BN folded, Dropout removed; :mod:`.graph`), takes the
 power-of-two positions from the trained DPU quantizers or calibrates them, adjusted to the DPU's
 limits (:mod:`.positions`), writes ``quantized.h5`` in the Vitis-AI format (:mod:`.vitis_h5`),

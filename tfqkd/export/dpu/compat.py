@@ -1,10 +1,10 @@
 """Compatibility check of a Keras model against the DPUCZDX8G operator set and limits.
 
-SPEC section 6 and thesis 6.1 / 6.2.2: the DPU runs Conv2D, DepthwiseConv2D, Dense, fused
+Thesis 6.1 / 6.2.2: the DPU runs Conv2D, DepthwiseConv2D, Dense, fused
 ReLU / ReLU6 / LeakyReLU(26/256), max / average / global-average pooling, Add, Multiply,
 Concatenate, ZeroPadding2D, Reshape, Flatten and UpSampling2D; its convolution engine takes
 kernels of 1-16 and strides of 1-8; pooling windows are square, 1-8 (average pooling 2x2 to 8x8,
-the global pools of SPEC section 4's factor table). BatchNormalization is only free when it
+the global pools of the DPU's average-pool factor table, ``tfqkd.quant.dpu.avgpool_factor``). BatchNormalization is only free when it
 directly follows a weighted layer, whose weights absorb it; a pre-activation BN-ReLU-Conv block
 cannot be folded and its ReLU would run in software (thesis 6.1). Vitis-AI's own limits are in
 ``vai_q_tensorflow2``'s ``vitis_layer_limits.py`` / ``limit_utils.py`` (Xilinx/Vitis-AI,

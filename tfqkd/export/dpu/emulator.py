@@ -1,6 +1,6 @@
 """Bit-accurate DPU arithmetic emulator in NumPy.
 
-Predicts, on a CPU, what the DPUCZDX8G computes for a quantized graph (SPEC sections 4 and 6):
+Predicts, on a CPU, what the DPUCZDX8G computes for a quantized graph (Vitis-AI pof2s arithmetic):
 
 * the input is quantized ``clip(floor(x * 2**ipos + 0.5), -128, 127)`` (the VART runner does the
   same before copying images to the DPU);

@@ -1,6 +1,6 @@
 """The DPU graph: the layers the DPU runs, with folded float weights and 8-bit positions.
 
-SPEC section 6: BatchNormalization folded into the conv/dense before it, Dropout removed, only
+Thesis 6.1: BatchNormalization folded into the conv/dense before it, Dropout removed, only
 DPU layer types. A :class:`DPUGraph` is what the Vitis-AI HDF5 writer
 (:mod:`~tfqkd.export.dpu.vitis_h5`) serialises, what its reader rebuilds from the file alone,
 and what the emulator (:mod:`~tfqkd.export.dpu.emulator`) executes. It is built from the DPU

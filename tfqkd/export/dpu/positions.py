@@ -1,6 +1,6 @@
 """Power-of-two positions of a DPU graph, adjusted to the DPU's limits.
 
-SPEC section 4 (DPU scheme) and Vitis-AI ``vai_q_tensorflow2``'s pof2s refine pipeline
+The DPU scheme of Vitis-AI ``vai_q_tensorflow2``'s pof2s refine pipeline
 (``vitis_pof2s_refine_transforms.py``: ``align_concat``, ``align_pool``,
 ``adjust_dpu_shift_cut``, ``adjust_dpu_shift_bias``):
 
@@ -27,7 +27,7 @@ SHIFT_BIAS_MAX = 16
 
 
 def shift_bias_range(shift_cut):
-    """Allowed ``shift_bias`` interval for a given ``shift_cut`` (SPEC 4)."""
+    """Allowed ``shift_bias`` interval for a given ``shift_cut`` (Vitis-AI pof2s)."""
     return min(0, -(24 - (8 + shift_cut))), SHIFT_BIAS_MAX
 
 

@@ -1,7 +1,7 @@
 """``quantized.h5`` in the Vitis-AI TF2 quantizer format, written and read with h5py.
 
 The layout is what ``vai_q_tensorflow2`` saves after quantization and what
-``vai_c_tensorflow2 -m quantized.h5 -a arch.json`` compiles (SPEC section 6). Sources relied on
+``vai_c_tensorflow2 -m quantized.h5 -a arch.json`` compiles. Sources relied on
 (Xilinx/Vitis-AI, ``src/vai_quantizer/vai_q_tensorflow2.x/.../quantization/keras/vitis``):
 
 * ``common/vitis_quantize_wrapper.py``: ``Vitis>QuantizeWrapper`` named ``quant_<layer>``,
