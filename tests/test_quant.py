@@ -457,3 +457,23 @@ def test_one_list_of_quantizer_state_for_decay_and_parameter_counts():
     qmodel = quantize(float_model, "w4a4", np.random.default_rng(0).random((4, 8, 8, 3)).astype("float32"))
     assert count_parameters(qmodel) == count_parameters(float_model)
     assert tfqkd.export.Grid is tfqkd.quant.grid.Grid
+
+
+def test_a_quantizer_rebuilt_from_its_config_computes_what_its_layer_computes():
+    """QKeras' tools and hls4ml rebuild a layer's quantizer from its config and call it on their own."""
+    from tfqkd.quant.dpu import DPUQuantizer
+
+    data = np.random.default_rng(5).random((8, 8, 8, 3)).astype("float32")
+    qmodel = quantize(_small_cnn(), "w4a4", data)
+    qmodel.get_layer("dw").depthwise_quantizer_internal.assign_step(0.0123)
+    x = tf.constant(np.random.default_rng(6).standard_normal((3, 3, 8, 1)).astype("float32"))
+    for layer, role, quantizer in tfqkd.quant.model_quantizers(qmodel):
+        rebuilt = tfqkd.quant.quantizers.get_quantizer(keras.utils.serialize_keras_object(quantizer))
+        np.testing.assert_array_equal(rebuilt(x).numpy(), quantizer(x, training=False).numpy(), err_msg=layer.name)
+    for quantizer in (AffineQuantizer(4, signed=False, running=True), DPUQuantizer(rounding="half_up")):
+        _bound(quantizer)
+        quantizer.initialize(np.array([0.0, 0.37, 2.9], "float32"))
+        rebuilt = tfqkd.quant.quantizers.get_quantizer(keras.utils.serialize_keras_object(quantizer))
+        np.testing.assert_array_equal(rebuilt(x).numpy(), quantizer(x, training=False).numpy())
+    with pytest.raises(TfqkdError, match="has no state"):
+        LearnedStepQuantizer(4)(x)  # never bound nor saved: no trained state to use

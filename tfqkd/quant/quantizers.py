@@ -184,7 +184,17 @@ class TfqkdQuantizer:
         return list(self._vars.values())
 
     def variable(self, name):
-        """The layer weight backing state ``name`` (shape (1,))."""
+        """The layer weight backing state ``name`` (shape (1,)).
+
+        A quantizer rebuilt from a config outside any layer (QKeras' tools and
+        hls4ml call a layer's quantizer on its own) reads the trained value the
+        config carries, as a constant.
+        """
+        if name in self._vars:
+            return self._vars[name]
+        standalone = getattr(self, "_standalone_state", {})
+        if name in standalone:
+            return tf.constant([standalone[name]], tf.float32)
         try:
             return self._vars[name]
         except KeyError:
@@ -202,10 +212,30 @@ class TfqkdQuantizer:
         return f"{self.kind}({self.bits}{flags})"
 
     def get_config(self):
-        return {"bits": self.bits, "signed": self.signed, "narrow_range": self.narrow_range}
+        config = {"bits": self.bits, "signed": self.signed, "narrow_range": self.narrow_range}
+        state = self._state_values()
+        if state:
+            # The trained state travels with the config, so a quantizer rebuilt from it
+            # outside its layer (QKeras' tools, hls4ml) computes what the layer computes.
+            config["state"] = state
+        return config
+
+    def _state_values(self):
+        try:
+            return {name: float(variable.numpy()[0]) for name, variable in self._vars.items()}
+        except (AttributeError, NotImplementedError, ValueError, TypeError):  # symbolic (inside a traced function)
+            return {}
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        state = config.pop("state", None) or {}
+        quantizer = cls._from_settings(config)
+        quantizer._standalone_state = {str(k): float(v) for k, v in state.items()}
+        return quantizer
+
+    @classmethod
+    def _from_settings(cls, config):
         return cls(**config)
 
 
@@ -294,8 +324,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         self.legacy_linear = False
 
     @classmethod
-    def from_config(cls, config):
-        config = dict(config)
+    def _from_settings(cls, config):
         parametrization = config.pop("parametrization", "linear")
         if parametrization not in ("linear", cls.PARAMETRIZATION):
             raise TfqkdError(f"unknown learned-step parametrization {parametrization!r}")
