@@ -140,6 +140,7 @@ def main(argv=None):
             "batch1_ms": b1, "best_throughput": best,
             "int8_vs_float32_batch1_latency": b1["int8"] / b1["float32"],
             "int8_vs_float32_best_throughput": best["int8"] / best["float32"],
+            "int8_vs_float32_bytes": graphs[f"{layout}|int8"]["bytes"] / graphs[f"{layout}|float32"]["bytes"],
         }
         log(f"{layout:8s}: batch-1 float32 {b1['float32']:.3f} ms, int8 {b1['int8']:.3f} ms "
             f"(x{b1['int8'] / b1['float32']:.3f}); best throughput float32 {best['float32']:.0f}, int8 {best['int8']:.0f} img/s "
