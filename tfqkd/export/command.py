@@ -80,6 +80,65 @@ def find_run_model(run_dir):
     raise TfqkdError(f"{run_dir}/models holds no quantized student ({', '.join(s + '.h5' for s in STUDENT_PREFERENCE)})")
 
 
+def resolve_export_source(args):
+    """``(model file, dataset, data_dir, output directory)`` of an export's RUN_DIR_OR_MODEL_FILE.
+
+    The output directory is created and probed before any model is loaded.
+
+    Raises:
+      TfqkdError: no such source, no dataset, an output directory that cannot be written.
+    """
+    source = Path(args.source)
+    if source.is_dir():
+        model_path, config = find_run_model(source)
+        dataset = args.dataset or config.get("dataset")
+        data_dir = args.data_dir or config.get("data_dir")
+        out_dir = Path(args.out) if args.out else source / "export"
+    elif source.is_file():
+        model_path, dataset, data_dir = source, args.dataset, args.data_dir
+        out_dir = Path(args.out) if args.out else source.parent
+    else:
+        raise TfqkdError(f"no such run directory or model file: {source}")
+    if not dataset:
+        raise TfqkdError("no dataset for calibration and validation: pass --dataset (a model file has none)")
+    atomic.ensure_directory(out_dir, "export directory")  # before the model is loaded or converted
+    return model_path, dataset, data_dir, out_dir
+
+
+def run_qkeras_export(args):
+    """Runs ``tfqkd export --target qkeras``: ``<model>_qkeras.h5`` of stock QKeras layers, validated.
+
+    The file is loaded with stock QKeras in a process that never imports
+    tfqkd and compared with the tfqkd model on the dataset's test images.
+
+    Returns:
+      0 (the exit code).
+    """
+    import tfqkd.data as data
+    from tfqkd.export.qkeras import to_qkeras
+    from tfqkd.io import load_model
+
+    model_path, dataset, data_dir, out_dir = resolve_export_source(args)
+    target = out_dir / f"{model_path.stem}_qkeras.h5"
+    if target.exists() and not args.force:
+        raise TfqkdError(f"{target} exists; pass --force to overwrite")
+    model = load_model(model_path, unsafe=args.unsafe)
+    x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
+    print(f"[tfqkd] exporting {model_path} to stock QKeras: {target}", flush=True)
+    report = to_qkeras(model, target, evaluation=x, force=args.force)
+    check = report["validation"]
+    print(
+        f"[tfqkd] loaded by qkeras.utils.load_qmodel without tfqkd: top-1 agreement {check['top1_agreement']:.2f}% "
+        f"on {check['examples']} {dataset} test images, largest logit difference {check['max_abs_logit_difference']:.3g}"
+    )
+    for line in report["inexact"]:
+        print(f"[tfqkd]   not exact: {line}")
+    if report["inexact"]:
+        print("[tfqkd]   train with `activation_kind: lsq_pof2` in the policy for activation steps QKeras expresses exactly")
+    print(f"[tfqkd] report: {target.with_suffix('.qkeras.json')}", flush=True)
+    return 0
+
+
 def run_tflite_export(args):
     """Runs ``tfqkd export --target tflite`` with parsed arguments.
 
@@ -103,20 +162,7 @@ def run_tflite_export(args):
     from tfqkd.export.validate import format_report
     from tfqkd.io import load_model
 
-    source = Path(args.source)
-    if source.is_dir():
-        model_path, config = find_run_model(source)
-        dataset = args.dataset or config.get("dataset")
-        data_dir = args.data_dir or config.get("data_dir")
-        out_dir = Path(args.out) if args.out else source / "export"
-    elif source.is_file():
-        model_path, dataset, data_dir = source, args.dataset, args.data_dir
-        out_dir = Path(args.out) if args.out else source.parent
-    else:
-        raise TfqkdError(f"no such run directory or model file: {source}")
-    if not dataset:
-        raise TfqkdError("no dataset for calibration and validation: pass --dataset (a model file has none)")
-    atomic.ensure_directory(out_dir, "export directory")  # before the model is loaded or converted
+    model_path, dataset, data_dir, out_dir = resolve_export_source(args)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     stem = model_path.stem
     targets = {kind: out_dir / f"{stem}_{kind}.tflite" for kind in kinds}

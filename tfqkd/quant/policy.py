@@ -35,7 +35,10 @@ __all__ = ["QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "list_preset
 #: Keras layer types whose weights and inputs are quantized.
 QUANTIZABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
 KINDS = ("lsq", "affine", "pof2")
-_SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "kind")
+#: Activation quantizers: the kinds, and "lsq_pof2" (a learned step used as its nearest power of two,
+#: which stock QKeras and shift-only hardware express exactly).
+ACTIVATION_KINDS = (*KINDS, "lsq_pof2")
+_SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "kind", "activation_kind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +53,16 @@ class QuantSpec:
         the int32 accumulator on integer hardware).
       kind: quantizer family: "lsq" (QKD learned step), "affine" (thesis
         running min-max), "pof2" (DPU power-of-two).
+      activation_kind: the input activations' family when it differs from
+        ``kind``: one of ``ACTIVATION_KINDS`` ("lsq_pof2": learned power-of-two
+        steps, exported exactly by ``tfqkd export --target qkeras``); None: ``kind``.
     """
 
     weight_bits: int = 8
     activation_bits: int | None = 8
     bias_bits: int = 32
     kind: str = "lsq"
+    activation_kind: str | None = None
 
     def __post_init__(self):
         validate_bits(self.weight_bits, "weight_bits")
@@ -66,18 +73,34 @@ class QuantSpec:
             raise TfqkdError(f"unknown quantizer kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.kind == "pof2" and (self.weight_bits != 8 or self.activation_bits not in (8, None)):
             raise TfqkdError("the DPU quantizer kind 'pof2' supports 8 bits only")
+        if self.activation_kind is not None:
+            if self.activation_kind not in ACTIVATION_KINDS:
+                raise TfqkdError(
+                    f"unknown activation_kind {self.activation_kind!r}; expected one of {', '.join(ACTIVATION_KINDS)}"
+                )
+            if self.activation_kind == "pof2" and self.activation_bits not in (8, None):
+                raise TfqkdError("activation_kind 'pof2' (the DPU quantizer) supports 8 bits only; use 'lsq_pof2'")
+
+    @property
+    def input_kind(self):
+        """The family of the input activation quantizer."""
+        return self.activation_kind or self.kind
 
     def replace(self, **changes):
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["activation_kind"] is None:
+            del out["activation_kind"]  # the default: the same family as the weights
+        return out
 
     def short(self):
-        """Compact label such as ``w4a4`` or ``w8a-`` (float input)."""
+        """Compact label such as ``lsq:w4a4``, ``lsq:w4a4(lsq_pof2)`` or ``lsq:w8a-`` (float input)."""
         a = "-" if self.activation_bits is None else self.activation_bits
-        return f"{self.kind}:w{self.weight_bits}a{a}"
+        other = f"({self.activation_kind})" if self.activation_kind not in (None, self.kind) else ""
+        return f"{self.kind}:w{self.weight_bits}a{a}{other}"
 
 
 def _spec_from_mapping(mapping, base, where):

@@ -48,6 +48,7 @@ __all__ = [
 # Running-average constant of the thesis's activation observers (PyTorch's
 # MovingAverageMinMaxObserver default).
 _EMA_MOMENTUM = 0.01
+_LN2 = math.log(2.0)
 #: How far (as a factor) a learned step may move from its initial value in training.
 STEP_BAND = 16.0
 # Activation range assumed when no calibration data is given (BN-ReLU outputs).
@@ -301,6 +302,10 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
       narrow_range: drop the most negative code (``[-7, 7]`` at 4 bits) so the
         codes are the symmetric int8 weights TFLite expects.
       initial_step: step used until :meth:`initialize` is called.
+      power_of_two: use the power of two nearest the learned step (the learned
+        value still moves freely, the rounding is straight-through): the grid
+        stock QKeras activations (``quantized_bits``/``quantized_relu``) and
+        shift-only hardware can express exactly.
 
     Its config carries ``parametrization: "log"``; configs of tfqkd 0.1, which
     stored the step itself, have no such key, and :func:`tfqkd.load_model`
@@ -312,8 +317,9 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     #: How the state is stored; configs without it come from tfqkd 0.1 (linear step).
     PARAMETRIZATION = "log"
 
-    def __init__(self, bits=8, signed=True, narrow_range=False, initial_step=None):
+    def __init__(self, bits=8, signed=True, narrow_range=False, initial_step=None, power_of_two=False):
         self._init_common(bits, signed, narrow_range)
+        self.power_of_two = bool(power_of_two)
         if initial_step is None:
             initial_step = _DEFAULT_ACTIVATION_RANGE / self.qmax
         if not float(initial_step) > 0:
@@ -361,10 +367,17 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
 
     @property
     def step(self):
-        """The learned step ``exp(log_step)`` (a tensor of shape (1,))."""
+        """The step in use: ``exp(log_step)``, or its nearest power of two (a tensor of shape (1,))."""
         if self.legacy_linear:
             return tf.maximum(self.log_step, 1e-8)  # the state is the step itself
-        return tf.exp(tf.clip_by_value(self.log_step, -30.0, 30.0))
+        return tf.exp(self._effective_log_step(tf.clip_by_value(self.log_step, -30.0, 30.0)))
+
+    def _effective_log_step(self, log_step):
+        if not self.power_of_two:
+            return log_step
+        # log of the nearest power of two; straight-through, so log_step keeps learning.
+        rounded = _LN2 * tf.round(log_step / _LN2)
+        return log_step + tf.stop_gradient(rounded - log_step)
 
     def assign_step(self, step):
         """Sets the step (a positive float)."""
@@ -393,7 +406,8 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             return round_ste(tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))) * step
         grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
         constants = [tf.constant(v, x.dtype) for v in (self.qmin, self.qmax, grad_scale)]
-        return _learned_step_fake_quant(x, tf.cast(self.log_step[0], x.dtype), *constants)
+        log_step = self._effective_log_step(tf.cast(self.log_step[0], x.dtype))
+        return _learned_step_fake_quant(x, log_step, *constants)
 
     def initialize(self, values, method="minmax"):
         """Sets the step from sample values.
@@ -438,8 +452,14 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         self.legacy_linear = False
         self.assign_step(step)
 
+    def __str__(self):
+        return super().__str__().replace("lsq(", "lsq_pof2(") if self.power_of_two else super().__str__()
+
     def get_config(self):
-        return {**super().get_config(), "initial_step": self.initial_step, "parametrization": self.PARAMETRIZATION}
+        config = {**super().get_config(), "initial_step": self.initial_step, "parametrization": self.PARAMETRIZATION}
+        if self.power_of_two:
+            config["power_of_two"] = True
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="AffineQuantizer")

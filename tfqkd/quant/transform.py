@@ -105,12 +105,13 @@ def make_input_quantizer(spec, signed, initial_range=None):
     Returns:
       a tfqkd quantizer.
     """
-    if spec.kind == "lsq":
+    if spec.input_kind in ("lsq", "lsq_pof2"):
         step = None
         if initial_range is not None:
             step = initial_range / LearnedStepQuantizer(spec.activation_bits, signed=signed).qmax
-        return LearnedStepQuantizer(spec.activation_bits, signed=signed, initial_step=step)
-    if spec.kind == "affine":
+        power_of_two = spec.input_kind == "lsq_pof2"
+        return LearnedStepQuantizer(spec.activation_bits, signed=signed, initial_step=step, power_of_two=power_of_two)
+    if spec.input_kind == "affine":
         return AffineQuantizer(spec.activation_bits, signed=signed, running=True)
     return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
 
@@ -432,11 +433,15 @@ def layer_specs(model):
         weight_q = pairs[0][0]
         bias_q = getattr(layer, "bias_quantizer_internal", None)
         qin = _input_quantizer_layer(model, layer.name)
+        input_kind = None
+        if qin is not None:
+            input_kind = "lsq_pof2" if getattr(qin.quantizer, "power_of_two", False) else qin.quantizer.kind
         specs[layer.name] = QuantSpec(
             weight_bits=weight_q.bits,
             activation_bits=None if qin is None else qin.quantizer.bits,
             bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
             kind=weight_q.kind,
+            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
         )
     return specs
 

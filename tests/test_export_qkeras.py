@@ -1,0 +1,80 @@
+"""Stock QKeras export: loadable with qkeras.utils.load_qmodel in a process without tfqkd (issue 14)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import tfqkd
+from tfqkd._keras import keras
+from tfqkd.cli import main
+from tfqkd.data import load_arrays
+from tfqkd.export.qkeras import to_qkeras
+
+POF2 = {"default": {"weight_bits": 4, "activation_bits": 4, "activation_kind": "lsq_pof2"}}
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    x, y = load_arrays("mnist5k", "train", limit=2000)
+    x_test, _ = load_arrays("mnist5k", "test")
+    return x, y, x_test
+
+
+def _trained(name, policy, mnist, epochs=1):
+    x, y, _ = mnist
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(tfqkd.create_model(name, num_classes=10, input_shape=x.shape[1:]), policy, x[:256])
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["kl_mlp_student", "resnet8"])
+def test_power_of_two_activation_students_export_exactly(tmp_path, mnist, name):
+    model = _trained(name, POF2, mnist)
+    report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist[2])
+    assert report["inexact"] == []
+    assert all(row["ratio"] == 1.0 for row in report["activations"])
+    check = report["validation"]
+    assert check["examples"] == 1000 and check["top1_agreement"] >= 99.5, check
+    assert json.loads((tmp_path / "stock.qkeras.json").read_text())["validation"] == check
+
+
+def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_path, mnist):
+    model = _trained("kl_mlp_student", "w8a8", mnist)
+    report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist[2])
+    assert {row["layer"] for row in report["activations"]} == {
+        "hidden1_dense_qin", "hidden2_dense_qin", "head_dense_qin"
+    }  # fmt: skip
+    assert report["inexact"] and all("exported as 2**" in line for line in report["inexact"])
+    # Weights are exact (alpha carries the learned step); the activation rounding moves few predictions.
+    assert report["validation"]["top1_agreement"] >= 98.0
+    with pytest.raises(tfqkd.TfqkdError, match="exists; pass --force"):
+        to_qkeras(model, tmp_path / "stock.h5")
+
+
+def test_qkeras_tools_read_the_trained_model(mnist):
+    import qkeras.utils
+
+    model = _trained("kl_mlp_student", POF2, mnist)
+    before = model.predict(mnist[2][:64], verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = qkeras.utils.model_save_quantized_weights(model)
+    assert set(saved) == {"hidden1_dense", "hidden2_dense", "head_dense"}
+    step = model.get_layer("hidden1_dense").kernel_quantizer_internal.step.numpy()[0]
+    codes = saved["hidden1_dense"]["weights"][0] / step
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3)  # the trained 4-bit codes
+    assert np.abs(np.rint(codes)).max() <= 7
+    np.testing.assert_allclose(model.predict(mnist[2][:64], verbose=0), before, atol=1e-5)
+
+
+def test_cli_export_target_qkeras(tmp_path, mnist, capsys):
+    path = tmp_path / "student.h5"
+    _trained("kl_mlp_student", POF2, mnist).save(path)
+    assert main(["export", "--target", "qkeras", str(path), "--dataset", "mnist5k"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement 100.00%" in out and (tmp_path / "student_qkeras.h5").is_file()
+    assert main(["export", "--target", "qkeras", str(path), "--dataset", "mnist5k"]) == 2  # exists, no --force

@@ -1,0 +1,205 @@
+"""A trained student as a model of stock QKeras layers and quantizers, loadable without tfqkd.
+
+tfqkd's layers are QKeras layers whose quantizers keep trained state (learned steps, running
+ranges). Tools that only know stock QKeras (``qkeras.utils.load_qmodel`` on a machine without
+tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
+
+* each weight quantizer becomes ``quantized_bits(bits, 0, symmetric, keep_negative=1,
+  alpha=s * 2**(bits-1))`` on the kernel divided by that ``alpha``: QKeras rounds
+  ``kernel * 2**(bits-1)`` and multiplies by ``alpha / 2**(bits-1)``, so it computes exactly the
+  trained ``s * round(clip(w / s))`` (LSQ, power-of-two and symmetric affine grids);
+* a quantized bias is stored already on its grid, in float (it is added to the accumulator);
+* each activation quantizer becomes ``quantized_bits(bits, integer, 0, keep_negative)``, whose step
+  is the power of two ``2**(integer - bits + keep_negative)``: exact when the trained step is a
+  power of two (policies with ``activation_kind: pof2``), otherwise the nearest power of two, and
+  the report names the layer and the ratio of the two steps.
+
+Everything else (BatchNormalization, pooling, concatenation, ReLU) is copied as it is.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfqkd import atomic
+from tfqkd._keras import keras
+from tfqkd.errors import TfqkdError
+from tfqkd.quant.layers import QActivation, layer_quantizers, quantized_layer_classes
+from tfqkd.quant.quantizers import TfqkdQuantizer
+from tfqkd.quant.transform import as_functional
+
+__all__ = ["qkeras_objects", "to_qkeras", "validate_qkeras"]
+
+_WEIGHT_CLASSES = ("QConv2D", "QDense", "QDepthwiseConv2D")
+_KERNEL_KEY = {"QConv2D": "kernel_quantizer", "QDense": "kernel_quantizer", "QDepthwiseConv2D": "depthwise_quantizer"}
+# Relative difference under which a trained activation step counts as the power of two it is near.
+_POF2_TOLERANCE = 1e-6
+
+
+def qkeras_objects():
+    """The custom objects stock QKeras registers (``qkeras.utils.load_qmodel`` uses the same)."""
+    import qkeras.utils
+
+    objects = {}
+    qkeras.utils._add_supported_quantized_objects(objects)
+    return objects
+
+
+def _weight_quantizer(quantizer, values, layer_name, report):
+    """``(stock quantizer config, alpha)`` for a weight tensor, or ``(None, None)`` to store it on its grid in float."""
+    grid = quantizer.grid(values)
+    if grid.zero != 0 or grid.qmin < -(2 ** (quantizer.bits - 1)) or grid.qmax > 2 ** (quantizer.bits - 1) - 1:
+        report["inexact"].append(f"{layer_name}: {quantizer.bits}-bit weights with zero point {grid.zero} have no "
+                                 "stock QKeras form; stored on their grid in float")  # fmt: skip
+        return None, None
+    m = 2 ** (quantizer.bits - 1)
+    alpha = grid.scale * m
+    symmetric = 1 if grid.qmin == -grid.qmax else 0
+    import qkeras
+
+    stock = qkeras.quantized_bits(quantizer.bits, 0, symmetric, keep_negative=True, alpha=float(alpha))
+    return {"class_name": "quantized_bits", "config": stock.get_config()}, alpha
+
+
+def _activation_quantizer(quantizer, layer_name, report):
+    """The stock ``quantized_bits`` string of an activation quantizer (power-of-two step)."""
+    grid = quantizer.grid()  # one-line TfqkdError for scales that follow each batch
+    if grid.zero != 0:
+        raise TfqkdError(f"layer '{layer_name}': an activation grid with zero point {grid.zero} has no stock QKeras form")
+    keep_negative = 1 if grid.qmin < 0 else 0
+    bits = quantizer.bits
+    exponent = round(math.log2(grid.scale))
+    integer = exponent + bits - keep_negative
+    exported = 2.0**exponent
+    ratio = exported / grid.scale
+    row = {"layer": layer_name, "trained_step": grid.scale, "exported_step": exported, "ratio": ratio}
+    report["activations"].append(row)
+    if abs(ratio - 1.0) > _POF2_TOLERANCE:
+        report["inexact"].append(
+            f"{layer_name}: activation step {grid.scale:.6g} exported as 2**{exponent} = {exported:.6g} (x{ratio:.3f})"
+        )
+    flags = "" if keep_negative else ",keep_negative=False"
+    return f"quantized_bits({bits},{integer},0{flags})"
+
+
+def to_qkeras(model, path, *, evaluation=None, force=False):
+    """Writes ``model`` as stock QKeras layers and quantizers to ``path`` (.h5).
+
+    Args:
+      model: a tfqkd-quantized functional (or Sequential) model.
+      path: destination ``.h5`` file, written atomically.
+      evaluation: optional input array: the written file is loaded with stock QKeras in a process
+        that never imports tfqkd, and its predictions compared with ``model``'s.
+      force: overwrite an existing file.
+
+    Returns:
+      dict with ``path``, ``activations`` (trained and exported step per activation quantizer),
+      ``inexact`` (one line per layer that stock QKeras cannot express exactly) and, with
+      ``evaluation``, ``validation`` (:func:`validate_qkeras`).
+
+    Raises:
+      TfqkdError: an existing file without ``force``, or a quantizer without a stock form.
+    """
+    path = Path(path)
+    if path.suffix != ".h5":
+        raise TfqkdError(f"the QKeras export is an .h5 file (load_qmodel reads HDF5), got {path.name}")
+    if path.exists() and not force:
+        raise TfqkdError(f"{path} exists; pass --force to overwrite")
+    model = as_functional(model, "to_qkeras()")
+    config = copy.deepcopy(model.get_config())
+    report = {"path": str(path), "activations": [], "inexact": []}
+    weights = {}
+    stock_names = set(quantized_layer_classes())
+    for entry in config["layers"]:
+        layer = model.get_layer(entry["name"])
+        quantizers = dict(layer_quantizers(layer))
+        cls = type(layer).__name__
+        if str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
+            if cls not in stock_names:
+                raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
+            entry.pop("module", None)
+            entry.pop("registered_name", None)
+            entry["class_name"] = cls  # tfqkd's layers keep QKeras' class names
+        if not quantizers:
+            weights[layer.name] = layer.get_weights()
+            continue
+        layer_config = entry["config"]
+        if isinstance(layer, QActivation):
+            layer_config["activation"] = _activation_quantizer(layer.quantizer, layer.name, report)
+            weights[layer.name] = []
+            continue
+        if cls not in _WEIGHT_CLASSES:
+            raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
+        kernel_role = "depthwise" if cls == "QDepthwiseConv2D" else "kernel"
+        kernel = getattr(layer, "depthwise_kernel" if kernel_role == "depthwise" else "kernel").numpy()
+        stock, alpha = _weight_quantizer(quantizers[kernel_role], kernel, layer.name, report)
+        fake_kernel = quantizers[kernel_role](kernel, training=False).numpy()
+        layer_config[_KERNEL_KEY[cls]] = stock
+        arrays = [fake_kernel / alpha if alpha is not None else fake_kernel]
+        if layer.use_bias:
+            bias = layer.bias.numpy()
+            if isinstance(quantizers.get("bias"), TfqkdQuantizer):
+                bias = quantizers["bias"](bias, training=False).numpy()
+            arrays.append(bias)
+        layer_config["bias_quantizer"] = None
+        weights[layer.name] = arrays
+    stock_model = keras.Model.from_config(config, custom_objects=qkeras_objects())
+    for layer in stock_model.layers:
+        layer.set_weights(weights[layer.name])
+    atomic.ensure_directory(path.parent, "QKeras export directory")
+    with atomic.replacing(path) as tmp:
+        stock_model.save(tmp)
+    if evaluation is not None:
+        report["validation"] = validate_qkeras(path, np.asarray(evaluation), model.predict(evaluation, verbose=0))
+    atomic.write_text(path.with_suffix(".qkeras.json"), json.dumps(report, indent=2, default=float))
+    return report
+
+
+_LOADER = r"""
+import os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import numpy as np
+import qkeras.utils
+assert "tfqkd" not in sys.modules
+model = qkeras.utils.load_qmodel(sys.argv[1], compile=False)
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0, batch_size=256))
+assert "tfqkd" not in sys.modules, "the stock QKeras file pulled tfqkd in"
+"""
+
+
+def validate_qkeras(path, x, expected):
+    """Loads ``path`` with stock QKeras in a fresh process that never imports tfqkd and compares predictions.
+
+    Args:
+      path: the exported .h5 file.
+      x: inputs.
+      expected: the tfqkd model's logits for ``x``.
+
+    Returns:
+      dict with ``examples``, ``top1_agreement`` (%) and ``max_abs_logit_difference``.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs, outputs = Path(scratch) / "x.npy", Path(scratch) / "y.npy"
+        np.save(inputs, np.asarray(x, np.float32))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOADER, str(path), str(inputs), str(outputs)],
+            capture_output=True, text=True, env=env, cwd=scratch, timeout=600,
+        )  # fmt: skip
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TfqkdError(f"stock QKeras could not load {path}: {last[:200]}")
+        got = np.load(outputs)
+    expected = np.asarray(expected)
+    return {
+        "examples": int(len(x)),
+        "top1_agreement": float(100.0 * np.mean(np.argmax(got, -1) == np.argmax(expected, -1))),
+        "max_abs_logit_difference": float(np.max(np.abs(got - expected))),
+    }
