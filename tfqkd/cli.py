@@ -92,6 +92,10 @@ def _cmd_export(args):
         from tfqkd.export.command import run_qkeras_export
 
         return run_qkeras_export(args)
+    if args.target == "hls4ml":
+        from tfqkd.export.command import run_hls4ml_export
+
+        return run_hls4ml_export(args)
     from tfqkd.errors import TfqkdError
     from tfqkd.export.command import find_run_model
     from tfqkd.export.dpu.command import run_dpu_export
@@ -129,8 +133,10 @@ def build_parser():
     from tfqkd.export.command import add_tflite_arguments
     from tfqkd.export.dpu.command import add_dpu_arguments
 
-    export = sub.add_parser("export", help="export a trained model to TFLite (int8/float), the Xilinx DPU or stock QKeras")
-    export.add_argument("--target", required=True, choices=("tflite", "dpu", "qkeras"))
+    export = sub.add_parser(
+        "export", help="export a trained model to TFLite (int8/float), the Xilinx DPU, stock QKeras or an hls4ml project"
+    )
+    export.add_argument("--target", required=True, choices=("tflite", "dpu", "qkeras", "hls4ml"))
     export.add_argument("source", metavar="RUN_DIR_OR_MODEL_FILE")
     add_tflite_arguments(export)  # also --out, --dataset, --data-dir, --force, --unsafe for both targets
     add_dpu_arguments(export.add_argument_group("DPU (--target dpu)"), include_io=False)

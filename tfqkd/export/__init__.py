@@ -6,6 +6,7 @@ Thesis chapter 6 and table 5.8; docs/architecture.md.
 from tfqkd.export.dpu import to_dpu
 from tfqkd.export.inspect import float_ops, load_interpreter, read_tflite, weight_codes_per_channel
 from tfqkd.export.integer_graph import Grid, IntegerGraph
+from tfqkd.export.hls4ml import to_hls4ml
 from tfqkd.export.qkeras import to_qkeras, validate_qkeras
 from tfqkd.export.size import count_parameters, size_report, write_size_report
 from tfqkd.export.tflite import KINDS, convert, to_tflite
@@ -24,6 +25,7 @@ __all__ = [
     "run_tflite",
     "size_report",
     "to_dpu",
+    "to_hls4ml",
     "to_qkeras",
     "to_tflite",
     "validate_qkeras",

@@ -40,6 +40,9 @@ def add_tflite_arguments(parser):
     common.add_argument("--data-dir", default=None, help="prepared tfds data directory")
     common.add_argument("--force", action="store_true", help="overwrite existing output files")
     common.add_argument("--unsafe", action="store_true", help="allow model files with Lambda layers (they run code)")
+    hls = parser.add_argument_group("hls4ml (--target hls4ml)")
+    hls.add_argument("--backend", default="Vitis", help="hls4ml backend: Vitis, Vivado, Catapult, oneAPI")
+    hls.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     group = parser.add_argument_group("TFLite (--target tflite)")
     group.add_argument(
         "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
@@ -136,6 +139,38 @@ def run_qkeras_export(args):
     if report["inexact"]:
         print("[tfqkd]   train with `activation_kind: lsq_pof2` in the policy for activation steps QKeras expresses exactly")
     print(f"[tfqkd] report: {target.with_suffix('.qkeras.json')}", flush=True)
+    return 0
+
+
+def run_hls4ml_export(args):
+    """Runs ``tfqkd export --target hls4ml``: the hls4ml project, its compiled C++ emulation, the check.
+
+    Returns:
+      0 (the exit code).
+    """
+    import tfqkd.data as data
+    from tfqkd.export.hls4ml import to_hls4ml
+    from tfqkd.io import load_model
+
+    model_path, dataset, data_dir, out_dir = resolve_export_source(args)
+    project = out_dir / f"{model_path.stem}_hls4ml"
+    if project.exists() and any(project.iterdir()) and not args.force:
+        raise TfqkdError(f"{project} exists; pass --force to overwrite")
+    model = load_model(model_path, unsafe=args.unsafe)
+    x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
+    print(f"[tfqkd] hls4ml {args.backend} project ({args.io_type}) of {model_path}: {project}", flush=True)
+    result = to_hls4ml(model, project, backend=args.backend, io_type=args.io_type, evaluation=x)
+    check = result["validation"]
+    print(
+        f"[tfqkd] C++ emulation (compiled in {result['compile_seconds']:.0f} s): top-1 agreement "
+        f"{check['top1_agreement']:.2f}% with the Keras model on {check['examples']} {dataset} test images, "
+        f"largest logit difference {check['max_abs_logit_difference']:.3g}"
+    )
+    for line in result["inexact"]:
+        print(f"[tfqkd]   not exact: {line}")
+    if result["inexact"]:
+        print("[tfqkd]   train with `kind: lsq_pof2` in the policy for steps QKeras and hls4ml express exactly")
+    print(f"[tfqkd] report: {project / 'hls4ml_report.json'}", flush=True)
     return 0
 
 

@@ -4,13 +4,16 @@ tfqkd's layers are QKeras layers whose quantizers keep trained state (learned st
 ranges). Tools that only know stock QKeras (``qkeras.utils.load_qmodel`` on a machine without
 tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
 
-* each weight quantizer becomes ``quantized_bits(bits, 0, symmetric, keep_negative=1,
-  alpha=s * 2**(bits-1))`` on the kernel divided by that ``alpha``: QKeras rounds
+* a weight quantizer with a power-of-two step ``s >= 2**-(bits-1)`` becomes
+  ``quantized_bits(bits, log2(s) + bits - 1, symmetric)``, QKeras' own grid; any other becomes
+  ``quantized_bits(bits, 0, symmetric, keep_negative=1, alpha=s * 2**(bits-1))`` on the kernel
+  divided by that ``alpha`` (hls4ml then applies ``alpha`` in a fixed-point scale layer): QKeras rounds
   ``kernel * 2**(bits-1)`` and multiplies by ``alpha / 2**(bits-1)``, so it computes exactly the
   trained ``s * round(clip(w / s))`` (LSQ, power-of-two and symmetric affine grids);
 * a quantized bias is stored already on its grid, in float (it is added to the accumulator);
-* each activation quantizer becomes ``quantized_bits(bits, integer, 0, keep_negative)``, whose step
-  is the power of two ``2**(integer - bits + keep_negative)``: exact when the trained step is a
+* each activation quantizer becomes ``quantized_relu(bits, integer)`` (unsigned grids, after a
+  ReLU) or ``quantized_bits(bits, integer, 0)`` (signed), whose step is the power of two
+  ``2**(integer - bits)`` or ``2**(integer - bits + 1)``: exact when the trained step is a
   power of two (policies with ``activation_kind: pof2``), otherwise the nearest power of two, and
   the report names the layer and the ratio of the two steps.
 
@@ -35,7 +38,7 @@ from tfqkd.quant.layers import QActivation, layer_quantizers, quantized_layer_cl
 from tfqkd.quant.quantizers import TfqkdQuantizer
 from tfqkd.quant.transform import as_functional
 
-__all__ = ["qkeras_objects", "to_qkeras", "validate_qkeras"]
+__all__ = ["qkeras_objects", "stock_qkeras_model", "to_qkeras", "validate_qkeras"]
 
 _WEIGHT_CLASSES = ("QConv2D", "QDense", "QDepthwiseConv2D")
 _KERNEL_KEY = {"QConv2D": "kernel_quantizer", "QDense": "kernel_quantizer", "QDepthwiseConv2D": "depthwise_quantizer"}
@@ -59,11 +62,15 @@ def _weight_quantizer(quantizer, values, layer_name, report):
         report["inexact"].append(f"{layer_name}: {quantizer.bits}-bit weights with zero point {grid.zero} have no "
                                  "stock QKeras form; stored on their grid in float")  # fmt: skip
         return None, None
-    m = 2 ** (quantizer.bits - 1)
-    alpha = grid.scale * m
-    symmetric = 1 if grid.qmin == -grid.qmax else 0
     import qkeras
 
+    symmetric = 1 if grid.qmin == -grid.qmax else 0
+    exponent = math.log2(grid.scale) + quantizer.bits - 1
+    if abs(exponent - round(exponent)) < _POF2_TOLERANCE and round(exponent) >= 0:
+        # A power-of-two step of at least 2**-(bits-1) is QKeras' own grid: integer bits, no alpha.
+        stock = qkeras.quantized_bits(quantizer.bits, round(exponent), symmetric, keep_negative=True)
+        return {"class_name": "quantized_bits", "config": stock.get_config()}, 1.0
+    alpha = grid.scale * 2 ** (quantizer.bits - 1)
     stock = qkeras.quantized_bits(quantizer.bits, 0, symmetric, keep_negative=True, alpha=float(alpha))
     return {"class_name": "quantized_bits", "config": stock.get_config()}, alpha
 
@@ -85,8 +92,11 @@ def _activation_quantizer(quantizer, layer_name, report):
         report["inexact"].append(
             f"{layer_name}: activation step {grid.scale:.6g} exported as 2**{exponent} = {exported:.6g} (x{ratio:.3f})"
         )
-    flags = "" if keep_negative else ",keep_negative=False"
-    return f"quantized_bits({bits},{integer},0{flags})"
+    if not keep_negative:
+        # Not quantized_bits(keep_negative=False): hls4ml types every quantized_bits as signed,
+        # which halves the range of an unsigned grid; quantized_relu is its unsigned type.
+        return f"quantized_relu({bits},{integer})"
+    return f"quantized_bits({bits},{integer},0)"
 
 
 def to_qkeras(model, path, *, evaluation=None, force=False):
@@ -112,9 +122,30 @@ def to_qkeras(model, path, *, evaluation=None, force=False):
         raise TfqkdError(f"the QKeras export is an .h5 file (load_qmodel reads HDF5), got {path.name}")
     if path.exists() and not force:
         raise TfqkdError(f"{path} exists; pass --force to overwrite")
+    stock_model, report = stock_qkeras_model(model)
+    report = {"path": str(path), **report}
+    atomic.ensure_directory(path.parent, "QKeras export directory")
+    with atomic.replacing(path) as tmp:
+        stock_model.save(tmp)
+    if evaluation is not None:
+        report["validation"] = validate_qkeras(path, np.asarray(evaluation), model.predict(evaluation, verbose=0))
+    atomic.write_text(path.with_suffix(".qkeras.json"), json.dumps(report, indent=2, default=float))
+    return report
+
+
+def stock_qkeras_model(model, rename=None):
+    """The in-memory model of stock QKeras layers that computes what ``model`` computes.
+
+    Args:
+      model: a tfqkd-quantized functional (or Sequential) model.
+      rename: optional ``{old layer name: new name}`` (hls4ml reserves some names).
+
+    Returns:
+      ``(stock model, report)``; the report has ``activations`` and ``inexact`` as in :func:`to_qkeras`.
+    """
     model = as_functional(model, "to_qkeras()")
     config = copy.deepcopy(model.get_config())
-    report = {"path": str(path), "activations": [], "inexact": []}
+    report = {"activations": [], "inexact": []}
     weights = {}
     stock_names = set(quantized_layer_classes())
     for entry in config["layers"]:
@@ -150,16 +181,32 @@ def to_qkeras(model, path, *, evaluation=None, force=False):
             arrays.append(bias)
         layer_config["bias_quantizer"] = None
         weights[layer.name] = arrays
+    if rename:
+        config = _renamed(config, rename)
+        weights = {rename.get(name, name): arrays for name, arrays in weights.items()}
     stock_model = keras.Model.from_config(config, custom_objects=qkeras_objects())
     for layer in stock_model.layers:
         layer.set_weights(weights[layer.name])
-    atomic.ensure_directory(path.parent, "QKeras export directory")
-    with atomic.replacing(path) as tmp:
-        stock_model.save(tmp)
-    if evaluation is not None:
-        report["validation"] = validate_qkeras(path, np.asarray(evaluation), model.predict(evaluation, verbose=0))
-    atomic.write_text(path.with_suffix(".qkeras.json"), json.dumps(report, indent=2, default=float))
-    return report
+    return stock_model, report
+
+
+def _renamed(config, rename):
+    """A functional config with layers renamed (their entries and every reference to them)."""
+
+    def fix(value):
+        if isinstance(value, list):
+            if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int) and value[0] in rename:
+                return [rename[value[0]], *value[1:]]
+            return [fix(v) for v in value]
+        return value
+
+    for entry in config["layers"]:
+        if entry["name"] in rename:
+            entry["name"] = entry["config"]["name"] = rename[entry["name"]]
+        entry["inbound_nodes"] = fix(entry["inbound_nodes"])
+    config["input_layers"] = fix(config["input_layers"])
+    config["output_layers"] = fix(config["output_layers"])
+    return config
 
 
 _LOADER = r"""

@@ -34,10 +34,10 @@ __all__ = ["QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "list_preset
 
 #: Keras layer types whose weights and inputs are quantized.
 QUANTIZABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
-KINDS = ("lsq", "affine", "pof2")
-#: Activation quantizers: the kinds, and "lsq_pof2" (a learned step used as its nearest power of two,
-#: which stock QKeras and shift-only hardware express exactly).
-ACTIVATION_KINDS = (*KINDS, "lsq_pof2")
+#: "lsq_pof2": a learned step used as its nearest power of two, which stock QKeras, hls4ml and
+#: shift-only hardware express exactly.
+KINDS = ("lsq", "affine", "pof2", "lsq_pof2")
+ACTIVATION_KINDS = KINDS
 _SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "kind", "activation_kind")
 
 
@@ -52,7 +52,8 @@ class QuantSpec:
       bias_bits: bits of the bias, 1-32; 32 keeps it in float (it is added to
         the int32 accumulator on integer hardware).
       kind: quantizer family: "lsq" (QKD learned step), "affine" (thesis
-        running min-max), "pof2" (DPU power-of-two).
+        running min-max), "pof2" (DPU power-of-two), "lsq_pof2" (learned
+        power-of-two steps).
       activation_kind: the input activations' family when it differs from
         ``kind``: one of ``ACTIVATION_KINDS`` ("lsq_pof2": learned power-of-two
         steps, exported exactly by ``tfqkd export --target qkeras``); None: ``kind``.

@@ -320,6 +320,8 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     def __init__(self, bits=8, signed=True, narrow_range=False, initial_step=None, power_of_two=False):
         self._init_common(bits, signed, narrow_range)
         self.power_of_two = bool(power_of_two)
+        if self.power_of_two:
+            self.kind = "lsq_pof2"  # the policy kind that makes it
         if initial_step is None:
             initial_step = _DEFAULT_ACTIVATION_RANGE / self.qmax
         if not float(initial_step) > 0:
@@ -451,9 +453,6 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             )
         self.legacy_linear = False
         self.assign_step(step)
-
-    def __str__(self):
-        return super().__str__().replace("lsq(", "lsq_pof2(") if self.power_of_two else super().__str__()
 
     def get_config(self):
         config = {**super().get_config(), "initial_step": self.initial_step, "parametrization": self.PARAMETRIZATION}

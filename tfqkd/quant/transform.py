@@ -85,8 +85,8 @@ def make_weight_quantizer(spec, bits=None):
       codes are the symmetric integers TFLite stores.
     """
     bits = spec.weight_bits if bits is None else bits
-    if spec.kind == "lsq":
-        return LearnedStepQuantizer(bits, signed=True, narrow_range=True)
+    if spec.kind in ("lsq", "lsq_pof2"):
+        return LearnedStepQuantizer(bits, signed=True, narrow_range=True, power_of_two=spec.kind == "lsq_pof2")
     if spec.kind == "affine":
         return AffineQuantizer(bits, signed=True)
     return Pof2Quantizer(bits, rounding="even")
@@ -433,9 +433,7 @@ def layer_specs(model):
         weight_q = pairs[0][0]
         bias_q = getattr(layer, "bias_quantizer_internal", None)
         qin = _input_quantizer_layer(model, layer.name)
-        input_kind = None
-        if qin is not None:
-            input_kind = "lsq_pof2" if getattr(qin.quantizer, "power_of_two", False) else qin.quantizer.kind
+        input_kind = None if qin is None else qin.quantizer.kind
         specs[layer.name] = QuantSpec(
             weight_bits=weight_q.bits,
             activation_bits=None if qin is None else qin.quantizer.bits,

@@ -1,4 +1,4 @@
-"""Stock QKeras export: loadable with qkeras.utils.load_qmodel in a process without tfqkd (issue 14)."""
+"""The QKeras ecosystem takes our students: stock QKeras export and an hls4ml project (issue 14)."""
 
 import json
 import warnings
@@ -78,3 +78,37 @@ def test_cli_export_target_qkeras(tmp_path, mnist, capsys):
     out = capsys.readouterr().out
     assert "top-1 agreement 100.00%" in out and (tmp_path / "student_qkeras.h5").is_file()
     assert main(["export", "--target", "qkeras", str(path), "--dataset", "mnist5k"]) == 2  # exists, no --force
+
+
+# hls4ml --------------------------------------------------------------------------------------
+
+POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
+
+
+def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist):
+    pytest.importorskip("hls4ml")
+    from tfqkd.export.hls4ml import to_hls4ml
+
+    model = _trained("kl_mlp_student", POF2_ALL, mnist)
+    result = to_hls4ml(model, tmp_path / "project", evaluation=mnist[2])
+    assert result["renamed"] == {"input": "input_1"} and result["inexact"] == []
+    # Precisions come from the trained quantizers: 4-bit unsigned activations on their trained step.
+    step = model.get_layer("hidden1_dense_qin").quantizer.step.numpy()[0]
+    integer = round(np.log2(step)) + 4
+    assert result["precisions"]["hidden1_dense_qin"]["result"].startswith(f"ufixed<4,{integer},")
+    check = result["validation"]
+    assert check["examples"] == 1000 and check["top1_agreement"] >= 99.0, check
+    assert (tmp_path / "project" / "hls4ml_report.json").is_file()
+    assert list((tmp_path / "project").rglob("*.so")), "the C++ emulation was not compiled"
+
+
+def test_hls4ml_target_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hls4ml", None)  # import hls4ml -> ImportError
+    model = tfqkd.create_model("kl_mlp_student", num_classes=10, quant="w8a8")
+    path = tmp_path / "m.h5"
+    model.save(path)
+    assert main(["export", "--target", "hls4ml", str(path), "--dataset", "mnist5k"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and 'pip install "tfqkd[hls]"' in err[0]

@@ -1,0 +1,129 @@
+"""An hls4ml project (FPGA through HLS) of a trained student, with its C++ emulation checked.
+
+hls4ml compiles QKeras models to HLS. The student goes through its stock QKeras form
+(:func:`tfqkd.export.qkeras.stock_qkeras_model`), so hls4ml reads the trained bits and steps of
+every layer from the quantizers, not its defaults. Two things stand between hls4ml 1.3 and a
+tfqkd model, both handled here:
+
+* with TensorFlow 2.21 ``import keras`` is Keras 3, and hls4ml then takes its Keras-3 reader,
+  which fails on the Keras-2 (tf-keras) models QKeras builds (``'Node' object has no attribute
+  'arguments'``): the conversion runs with ``keras`` bound to tf-keras;
+* hls4ml reserves the layer name ``input``, which every tfqkd model uses: it is renamed.
+
+The project is written, its C++ emulation compiled with the system compiler, and the emulation's
+predictions compared with the tfqkd model's (``hls4ml_report.json`` next to the project).
+hls4ml is an optional extra: ``pip install "tfqkd[hls]"``.
+"""
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tfqkd import atomic
+from tfqkd._keras import keras
+from tfqkd.errors import TfqkdError
+from tfqkd.export.qkeras import stock_qkeras_model
+
+__all__ = ["BACKENDS", "IO_TYPES", "to_hls4ml"]
+
+#: hls4ml backends that write an HLS project and a C++ emulation.
+BACKENDS = ("Vitis", "Vivado", "Catapult", "oneAPI")
+IO_TYPES = ("io_parallel", "io_stream")
+#: Layer names hls4ml's ModelGraph refuses.
+_RESERVED = ("input",)
+
+
+def _hls4ml():
+    try:
+        import hls4ml
+    except ImportError:
+        raise TfqkdError('the hls4ml target needs hls4ml: pip install "tfqkd[hls]"') from None
+    return hls4ml
+
+
+@contextlib.contextmanager
+def _keras2_as_keras():
+    """``import keras`` gives tf-keras inside the block: hls4ml picks its reader by ``keras.__version__``."""
+    saved = sys.modules.get("keras")
+    sys.modules["keras"] = keras
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("keras", None)
+        else:
+            sys.modules["keras"] = saved
+
+
+def to_hls4ml(model, out_dir, *, backend="Vitis", io_type="io_parallel", evaluation=None, project_name="tfqkd"):
+    """Writes an hls4ml project of ``model``, compiles its C++ emulation and checks it.
+
+    Args:
+      model: a tfqkd-quantized model.
+      out_dir: the project directory (created).
+      backend: one of :data:`BACKENDS`.
+      io_type: "io_parallel" or "io_stream" (streaming, for convolutional models).
+      evaluation: optional inputs: compare the compiled emulation with ``model`` on them.
+      project_name: the HLS project name.
+
+    Returns:
+      dict with ``project``, ``precisions`` (per layer, as hls4ml configured them from the
+      quantizers), ``inexact`` (layers the stock QKeras form rounds, see
+      :func:`tfqkd.export.qkeras.to_qkeras`), ``compile_seconds`` and, with ``evaluation``,
+      ``validation`` (top-1 agreement and the largest logit difference); also written to
+      ``<out_dir>/hls4ml_report.json``.
+
+    Raises:
+      TfqkdError: hls4ml missing, an unknown backend or io type, or a layer hls4ml cannot take.
+    """
+    if backend not in BACKENDS:
+        raise TfqkdError(f"unknown hls4ml backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if io_type not in IO_TYPES:
+        raise TfqkdError(f"unknown io type {io_type!r}; expected one of {', '.join(IO_TYPES)}")
+    hls4ml = _hls4ml()
+    from hls4ml.converters import keras_v2_to_hls
+    from hls4ml.utils.config import create_config
+
+    out_dir = atomic.ensure_directory(out_dir, "hls4ml project directory")
+    taken = {layer.name for layer in model.layers}
+    rename = {name: next(f"{name}_{i}" for i in range(1, 100) if f"{name}_{i}" not in taken) for name in _RESERVED if name in taken}
+    stock, report = stock_qkeras_model(model, rename=rename)
+    try:
+        with _keras2_as_keras():
+            hls_config = hls4ml.utils.config_from_keras_model(stock, granularity="name", backend=backend)
+            config = create_config(output_dir=str(out_dir), project_name=project_name, backend=backend, io_type=io_type)
+            config.update(KerasModel=stock, InputData=None, OutputPredictions=None)
+            config["HLSConfig"] = {"Model": hls_config["Model"], "LayerName": hls_config.get("LayerName", {})}
+            hls_model = keras_v2_to_hls(config)
+            start = time.perf_counter()
+            hls_model.compile()  # writes the project and builds the C++ emulation
+            seconds = time.perf_counter() - start
+    except TfqkdError:
+        raise
+    except Exception as err:  # hls4ml raises plain exceptions for layers it does not support
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TfqkdError(f"hls4ml cannot convert {model.name}: {first[:200]}") from None
+    result = {
+        "project": str(out_dir),
+        "backend": backend,
+        "io_type": io_type,
+        "renamed": rename,
+        "precisions": {name: cfg.get("Precision") for name, cfg in hls_config.get("LayerName", {}).items()},
+        "inexact": report["inexact"],
+        "compile_seconds": round(seconds, 1),
+    }
+    if evaluation is not None:
+        x = np.ascontiguousarray(np.asarray(evaluation, dtype=np.float32))
+        expected = model.predict(x, verbose=0, batch_size=256)
+        got = np.asarray(hls_model.predict(x)).reshape(expected.shape)
+        result["validation"] = {
+            "examples": int(len(x)),
+            "top1_agreement": float(100.0 * np.mean(np.argmax(got, -1) == np.argmax(expected, -1))),
+            "max_abs_logit_difference": float(np.max(np.abs(got - expected))),
+        }
+    atomic.write_text(Path(out_dir) / "hls4ml_report.json", json.dumps(result, indent=2, default=str))
+    return result
