@@ -7,23 +7,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # A results file named in a paragraph, and a decimal figure quoted as a percentage or a ratio
 # ("97.5%", "0.268x"). Figures of a range ("1.4-1.7x") are derived, not read, and are skipped.
-_CITED = re.compile(r"benchmarks/results/([\w.-]+\.json)")
+_CITED = re.compile(r"(?:benchmarks/results/)?([\w.-]+\.json)")
+RESULTS = ROOT / "benchmarks" / "results"
 _FIGURE = re.compile(r"(?<![\d.\-])(\d+\.\d+)(%|x\b)")
 
 
 def _paragraphs(text):
-    """README paragraphs and list items (a bullet's continuation lines belong to it)."""
-    blocks, current = [], []
+    """README paragraphs and list items (a bullet's continuation lines belong to it).
+
+    A table row is a block of its own with the paragraph before the table appended: that
+    paragraph names the file the table's figures come from.
+    """
+    blocks, current, previous = [], [], ""
+
+    def flush():
+        nonlocal current, previous
+        if current:
+            previous = " ".join(current)
+            blocks.append(previous)
+        current = []
+
     for line in text.splitlines():
-        starts_item = line.lstrip().startswith(("- ", "* ", "| "))
-        if not line.strip() or starts_item:
-            if current:
-                blocks.append(" ".join(current))
-            current = [line.strip()] if line.strip() else []
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            flush()
+            blocks.append(f"{stripped} {previous}")
+        elif not stripped:
+            flush()
+        elif stripped.startswith(("- ", "* ")):
+            flush()
+            current = [stripped]
         else:
-            current.append(line.strip())
-    if current:
-        blocks.append(" ".join(current))
+            current.append(stripped)
+    flush()
     return blocks
 
 
@@ -50,14 +66,16 @@ def test_readme_figures_next_to_a_results_file_are_in_it():
     text = (ROOT / "README.md").read_text()
     checked, missing = 0, []
     for block in _paragraphs(text):
-        files = _CITED.findall(block)
+        named = _CITED.findall(block)
+        for name in named:
+            if f"benchmarks/results/{name}" in block:
+                assert (RESULTS / name).is_file(), f"README cites benchmarks/results/{name}, which is not committed"
+        files = sorted({name for name in named if (RESULTS / name).is_file()})
         if not files:
             continue
         values = []
         for name in files:
-            path = ROOT / "benchmarks" / "results" / name
-            assert path.is_file(), f"README cites {name}, which is not committed"
-            values += list(_numbers(json.loads(path.read_text())))
+            values += list(_numbers(json.loads((RESULTS / name).read_text())))
         for figure, _ in _FIGURE.findall(block):
             checked += 1
             if not _matches(figure, values):
