@@ -32,8 +32,10 @@ def _trained(name, policy, mnist, epochs=1):
 
 
 @pytest.mark.parametrize("name", ["kl_mlp_student", "resnet8"])
-def test_power_of_two_activation_students_export_exactly(tmp_path, mnist, name):
-    model = _trained(name, POF2, mnist)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_power_of_two_activation_students_export_exactly(tmp_path, mnist, name, bits):
+    policy = {"default": {"weight_bits": bits, "activation_bits": bits, "activation_kind": "lsq_pof2"}}
+    model = _trained(name, policy, mnist)
     report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist[2])
     assert report["inexact"] == []
     assert all(row["ratio"] == 1.0 for row in report["activations"])
