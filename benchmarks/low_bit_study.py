@@ -224,10 +224,15 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=TEMPERATURE)
     parser.add_argument("--alpha", type=float, default=ALPHA)
     parser.add_argument("--cs-teacher-lr", type=float, default=QUANT_LR, help="the teacher's rate in co-studying")
+    parser.add_argument("--split", type=int, nargs=3, metavar=("SS", "CS", "TS"),
+                        help="QKD's epochs per phase (ablations); QAT and KD train their sum")
     parser.add_argument("--tag", default="", help="suffix of the output files (ablations)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     SETTINGS.update(temperature=args.temperature, alpha=args.alpha, cs_teacher_lr=args.cs_teacher_lr)
+    if args.split:
+        for name in args.datasets:
+            BUDGET[name].update(zip(("ss", "cs", "ts"), args.split))
     log = lambda line: print(line, flush=True)  # noqa: E731
     results = [study(name, args.seeds, log, args.bits, args.methods) for name in args.datasets]
     stem = "low_bit_study" + (f"_{args.tag}" if args.tag else "")
