@@ -8,7 +8,11 @@ tfqkd model, both handled here:
 * with TensorFlow 2.21 ``import keras`` is Keras 3, and hls4ml then takes its Keras-3 reader,
   which fails on the Keras-2 (tf-keras) models QKeras builds (``'Node' object has no attribute
   'arguments'``): the conversion runs with ``keras`` bound to tf-keras;
-* hls4ml reserves the layer name ``input``, which every tfqkd model uses: it is renamed.
+* hls4ml reserves the layer name ``input``, which every tfqkd model uses: it is renamed;
+* hls4ml 1.3 calls ``numpy.product``, which NumPy 2 removed: it is provided during the conversion.
+
+Compiling the C++ emulation of a convolutional model takes minutes (ds_cnn with io_parallel:
+about 18 minutes on 2 cores); MLPs compile in seconds.
 
 The project is written, its C++ emulation compiled with the system compiler, and the emulation's
 predictions compared with the tfqkd model's (``hls4ml_report.json`` next to the project).
@@ -46,13 +50,20 @@ def _hls4ml():
 
 
 @contextlib.contextmanager
-def _keras2_as_keras():
-    """``import keras`` gives tf-keras inside the block: hls4ml picks its reader by ``keras.__version__``."""
+def _hls4ml_compatible():
+    """Inside the block ``import keras`` gives tf-keras (hls4ml picks its reader by
+    ``keras.__version__``) and ``numpy.product`` exists (hls4ml 1.3's merge layers call it;
+    NumPy 2 removed it)."""
     saved = sys.modules.get("keras")
     sys.modules["keras"] = keras
+    added_product = not hasattr(np, "product")
+    if added_product:
+        np.product = np.prod
     try:
         yield
     finally:
+        if added_product:
+            del np.product
         if saved is None:
             sys.modules.pop("keras", None)
         else:
@@ -93,7 +104,7 @@ def to_hls4ml(model, out_dir, *, backend="Vitis", io_type="io_parallel", evaluat
     rename = {name: next(f"{name}_{i}" for i in range(1, 100) if f"{name}_{i}" not in taken) for name in _RESERVED if name in taken}
     stock, report = stock_qkeras_model(model, rename=rename)
     try:
-        with _keras2_as_keras():
+        with _hls4ml_compatible():
             hls_config = hls4ml.utils.config_from_keras_model(stock, granularity="name", backend=backend)
             config = create_config(output_dir=str(out_dir), project_name=project_name, backend=backend, io_type=io_type)
             config.update(KerasModel=stock, InputData=None, OutputPredictions=None)

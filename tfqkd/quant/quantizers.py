@@ -88,11 +88,6 @@ def _round_half_up_ste(x):
     return x + tf.stop_gradient(round_half_up(x) - x)
 
 
-def _grad_scale(x, scale):
-    """Forward: ``x``; backward: gradient multiplied by ``scale`` (LSQ)."""
-    return tf.stop_gradient(x - x * scale) + x * scale
-
-
 class TfqkdQuantizer:
     """What every tfqkd quantizer is: the contract exporters, analyses and trainers rely on.
 
@@ -106,7 +101,7 @@ class TfqkdQuantizer:
       :func:`register_quantizer` (the one registry for loading and ``custom_objects``).
     """
 
-    #: Role-independent identifier used in policies ("lsq", "affine", "pof2").
+    #: Role-independent identifier used in policies ("lsq", "affine", "pof2", "lsq_pof2").
     kind = None
     #: Names of the state weights any instance may create (``variable_specs`` keys).
     STATE_NAMES = ()
@@ -196,13 +191,10 @@ class TfqkdQuantizer:
         standalone = getattr(self, "_standalone_state", {})
         if name in standalone:
             return tf.constant([standalone[name]], tf.float32)
-        try:
-            return self._vars[name]
-        except KeyError:
-            raise TfqkdError(
-                f"{type(self).__qualname__} has no state '{name}': tfqkd quantizers must be used inside "
-                "tfqkd.quant layers (QConv2D, QDense, QDepthwiseConv2D, QActivation)"
-            ) from None
+        raise TfqkdError(
+            f"{type(self).__qualname__} has no state '{name}': use it inside a tfqkd.quant layer (QConv2D, QDense, "
+            "QDepthwiseConv2D, QActivation) or rebuild it from the config of a trained one"
+        )
 
     # QKeras compatibility ----------------------------------------------------
     def _set_trainable_parameter(self):
