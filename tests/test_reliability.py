@@ -483,3 +483,17 @@ def test_unwritable_run_directory_is_one_line_before_training(tmp_path, capsys, 
     assert len(lines) == 1 and "cannot be written" in lines[0] and run_dir in lines[0], lines
     assert "[tfqkd] stage" not in captured.out  # nothing trained
     assert not Path(run_dir).exists()
+
+
+def test_dead_run_alarm_with_patience_restores_the_last_live_epoch():
+    x, y = _digits()
+    keras.utils.set_random_seed(0)
+    model = _dead_mlp()
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    start = [w.copy() for w in model.get_weights()]
+    alarm = tfqkd.training.DeadRunAlarm(num_classes=10, patience=2, verbose=False)
+    history = model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[alarm])
+    assert len(history.history["loss"]) == 2 and "in epochs 1-2" in alarm.diverged
+    assert "restored the weights from the start of the stage" in alarm.diverged
+    for before, after in zip(start, model.get_weights()):
+        np.testing.assert_array_equal(before, after)

@@ -203,9 +203,8 @@ class DivergenceGuard(keras.callbacks.Callback):
             self._dead_epochs += 1
             if self._dead_epochs >= self.patience:
                 self._stop_dead(logs or {})
-                return
-        else:
-            self._dead_epochs = 0
+            return  # a dead epoch is never the one to restore
+        self._dead_epochs = 0
         self.good_epoch = epoch + 1
         self._snapshot()
 
