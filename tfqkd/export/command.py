@@ -129,17 +129,22 @@ def run_qkeras_export(args):
     x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
     print(f"[tfqkd] exporting {model_path} to stock QKeras: {target}", flush=True)
     report = to_qkeras(model, target, evaluation=x, force=args.force)
+    _print_check("loaded by qkeras.utils.load_qmodel without tfqkd", report, dataset, target.with_suffix(".qkeras.json"))
+    return 0
+
+
+def _print_check(what, report, dataset, report_path):
+    """The agreement of an exported model with the Keras one, and the layers it could not express exactly."""
     check = report["validation"]
     print(
-        f"[tfqkd] loaded by qkeras.utils.load_qmodel without tfqkd: top-1 agreement {check['top1_agreement']:.2f}% "
-        f"on {check['examples']} {dataset} test images, largest logit difference {check['max_abs_logit_difference']:.3g}"
+        f"[tfqkd] {what}: top-1 agreement {check['top1_agreement']:.2f}% with the Keras model on {check['examples']} "
+        f"{dataset} test images, largest logit difference {check['max_abs_logit_difference']:.3g}"
     )
     for line in report["inexact"]:
         print(f"[tfqkd]   not exact: {line}")
     if report["inexact"]:
-        print("[tfqkd]   train with `activation_kind: lsq_pof2` in the policy for activation steps QKeras expresses exactly")
-    print(f"[tfqkd] report: {target.with_suffix('.qkeras.json')}", flush=True)
-    return 0
+        print("[tfqkd]   train with `kind: lsq_pof2` (or `activation_kind: lsq_pof2`) in the policy for steps it expresses exactly")
+    print(f"[tfqkd] report: {report_path}", flush=True)
 
 
 def run_hls4ml_export(args):
@@ -160,17 +165,8 @@ def run_hls4ml_export(args):
     x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
     print(f"[tfqkd] hls4ml {args.backend} project ({args.io_type}) of {model_path}: {project}", flush=True)
     result = to_hls4ml(model, project, backend=args.backend, io_type=args.io_type, evaluation=x)
-    check = result["validation"]
-    print(
-        f"[tfqkd] C++ emulation (compiled in {result['compile_seconds']:.0f} s): top-1 agreement "
-        f"{check['top1_agreement']:.2f}% with the Keras model on {check['examples']} {dataset} test images, "
-        f"largest logit difference {check['max_abs_logit_difference']:.3g}"
-    )
-    for line in result["inexact"]:
-        print(f"[tfqkd]   not exact: {line}")
-    if result["inexact"]:
-        print("[tfqkd]   train with `kind: lsq_pof2` in the policy for steps QKeras and hls4ml express exactly")
-    print(f"[tfqkd] report: {project / 'hls4ml_report.json'}", flush=True)
+    _print_check(f"C++ emulation (compiled in {result['compile_seconds']:.0f} s)", result, dataset,
+                 project / "hls4ml_report.json")  # fmt: skip
     return 0
 
 
