@@ -78,7 +78,7 @@ def write_csv(path, rows, fieldnames):
     return Path(path)
 
 
-def ensure_directory(path, what="output directory"):
+def ensure_directory(path, what="output directory", keep=True):
     """Creates directory ``path`` and proves it writable, before any long work; one-line error if not.
 
     Permission bits do not tell (root passes every check and /proc refuses
@@ -89,19 +89,27 @@ def ensure_directory(path, what="output directory"):
     Args:
       path: the directory.
       what: how the error message names it ("run directory", "--out").
+      keep: keep the directories made for the check (False: a validation step
+        that must leave nothing behind; the writer creates them later).
 
     Returns:
       ``Path(path)``.
     """
     path = Path(path)
     missing = [part for part in (path, *path.parents) if not part.exists()]
+
+    def remove_made():
+        for part in missing:  # deepest first; only directories made here, and only if still empty
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        for part in missing:  # deepest first; only directories made here, and only if still empty
-            with contextlib.suppress(OSError):
-                part.rmdir()
+        remove_made()
         raise TfqkdError(f"{what} {str(path)!r} cannot be written: {err.strerror or type(err).__name__}") from None
+    if not keep:
+        remove_made()
     return path

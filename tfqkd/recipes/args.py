@@ -103,7 +103,7 @@ def _check_run_dir(path):
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             raise TfqkdError(f"run directory {show(text)}: {show(str(part))} is a file, not a directory")
-    atomic.ensure_directory(path, "run directory")
+    atomic.ensure_directory(path, "run directory", keep=False)  # the Run creates it when training starts
     return path
 
 
