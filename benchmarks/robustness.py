@@ -10,7 +10,8 @@ real MNIST digits), each run as a new user writes it: ``create_model(name, quant
 ``compile``, ``fit`` (no calibration data), and the same without quantization (``fp32``) as
 the control. MLPs and resnet8 train 2 epochs; densenet21 ("short") 1 epoch of 40 batches. A
 run is dead when its training ends at chance (:func:`tfqkd.bench.robustness.is_dead_run`). Writes ``benchmarks/results/robustness.json`` (every run)
-and ``robustness.png`` (test accuracy per policy and optimizer).
+and ``robustness.png`` (final training accuracy per policy and optimizer; the dotted line is the
+dead threshold).
 """
 
 import tfqkd  # noqa: F401  isort: skip  (selects Keras 2 before TensorFlow)
@@ -99,11 +100,13 @@ def _plot(runs, path):
         policies = [p for p in POLICIES if any(r["policy"] == p for r in mine)]
         for k, optimizer in enumerate(OPTIMIZERS):
             for i, policy in enumerate(policies):
-                acc = [100 * r["test_accuracy"] for r in mine if r["policy"] == policy and r["optimizer"] == optimizer]
-                ax.scatter(np.full(len(acc), i + (k - 1) * 0.25), acc, s=12, label=optimizer if i == 0 else None)
+                acc = [100 * r["train_accuracy"] for r in mine if r["policy"] == policy and r["optimizer"] == optimizer]
+                ax.scatter(np.full(len(acc), i + (k - 1) * 0.25), acc, s=12, color=f"C{k}",
+                           label=optimizer if i == 0 else None)  # fmt: skip
+        ax.axhline(100 * 1.5 / 10, color="grey", ls=":", lw=1)  # at or below: dead (10 classes)
         ax.set_xticks(range(len(policies)), policies, rotation=30)
         ax.set_title(f"{model} ({len(mine)} runs, {sum(r['dead'] for r in mine)} dead)")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel("final training top-1 (%)")
         ax.set_ylim(0, 100)
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
