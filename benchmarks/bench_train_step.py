@@ -25,13 +25,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.atomic import write_text
+from tfqkd.bench.step_timer import StepTimer
 from tfqkd.distill import QKD
 from tfqkd.models import create_model
 from tfqkd.plotting import pyplot, save_figure
@@ -41,22 +41,6 @@ MODELS = ("densenet21_dpu", "resnet8", "densenet21", "kl_mlp_student")
 BATCH = 64
 INPUT = {"kl_mlp_student": (28, 28, 1)}
 DEFAULT_INPUT = (32, 32, 3)
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of each training batch after the first of each ``fit`` call."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        # Without _supports_tf_logs Keras hands this callback NumPy logs: the step has finished.
-        if batch > 0:
-            self.times.append(time.perf_counter() - self._start)
 
 
 def _optimizer():

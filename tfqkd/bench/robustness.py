@@ -4,7 +4,7 @@ A grid of short trainings of a quantized model from scratch, as a new user
 would write it (``create_model(..., quant=...)``, ``compile``, ``fit``, no
 calibration data), each with its own seed and optimizer. A run is *dead*
 when its training ends at chance: a final training loss at ``ln(classes)``
-or a training accuracy at most ``1.5 / classes`` (the network stopped
+or a training accuracy at chance (the network stopped
 learning). Test accuracy is reported too, but does not decide: after a
 few hundred updates the moving statistics of BatchNormalization lag the
 weights, so a live CNN can score far lower in inference mode than in
@@ -20,6 +20,8 @@ import numpy as np
 
 from tfqkd._keras import keras
 from tfqkd.models import create_model
+from tfqkd.quant import model_quantizers
+from tfqkd.training.guard import chance_accuracy_ceiling
 
 __all__ = ["OPTIMIZERS", "is_dead_run", "train_run"]
 
@@ -32,8 +34,8 @@ OPTIMIZERS = {
 
 
 def is_dead_run(train_accuracy, final_loss, num_classes):
-    """Whether a finished run's training ended at chance (accuracy in [0, 1])."""
-    at_chance = train_accuracy <= 1.5 / num_classes
+    """Whether a finished run's training ended at chance (accuracy in [0, 1]; the recipes' guard's ceiling)."""
+    at_chance = train_accuracy <= chance_accuracy_ceiling(num_classes)
     flat = not math.isfinite(final_loss) or final_loss >= 0.98 * math.log(num_classes)
     return bool(at_chance or flat)
 
@@ -55,8 +57,6 @@ def train_run(model_name, policy, optimizer, seed, data, *, epochs=2, batch_size
       ``test_accuracy`` (0-1), ``dead``, ``step_ratio`` (min and max of
       learned step / initial step, None without learned steps) and ``seconds``.
     """
-    from tfqkd.quant import model_quantizers
-
     x_train, y_train, x_test, y_test = data
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     keras.utils.set_random_seed(seed)

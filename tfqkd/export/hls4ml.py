@@ -2,8 +2,8 @@
 
 hls4ml compiles QKeras models to HLS. The student goes through its stock QKeras form
 (:func:`tfqkd.export.qkeras.stock_qkeras_model`), so hls4ml reads the trained bits and steps of
-every layer from the quantizers, not its defaults. Two things stand between hls4ml 1.3 and a
-tfqkd model, both handled here:
+every layer from the quantizers, not its defaults. Three things stand between hls4ml 1.3 and a
+tfqkd model, all handled here:
 
 * with TensorFlow 2.21 ``import keras`` is Keras 3, and hls4ml then takes its Keras-3 reader,
   which fails on the Keras-2 (tf-keras) models QKeras builds (``'Node' object has no attribute
@@ -11,11 +11,10 @@ tfqkd model, both handled here:
 * hls4ml reserves the layer name ``input``, which every tfqkd model uses: it is renamed;
 * hls4ml 1.3 calls ``numpy.product``, which NumPy 2 removed: it is provided during the conversion.
 
-Compiling the C++ emulation of a convolutional model takes minutes (ds_cnn with io_parallel:
-about 18 minutes on 2 cores); MLPs compile in seconds.
-
 The project is written, its C++ emulation compiled with the system compiler, and the emulation's
 predictions compared with the tfqkd model's (``hls4ml_report.json`` next to the project).
+Compiling the C++ emulation of a convolutional model takes minutes (ds_cnn with io_parallel:
+about 18 minutes on 2 cores); MLPs compile in seconds.
 hls4ml is an optional extra: ``pip install "tfqkd[hls]"``.
 """
 
@@ -31,6 +30,7 @@ from tfqkd import atomic
 from tfqkd._keras import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.qkeras import stock_qkeras_model
+from tfqkd.export.validate import compare_logits
 
 __all__ = ["BACKENDS", "IO_TYPES", "to_hls4ml"]
 
@@ -130,11 +130,6 @@ def to_hls4ml(model, out_dir, *, backend="Vitis", io_type="io_parallel", evaluat
     if evaluation is not None:
         x = np.ascontiguousarray(np.asarray(evaluation, dtype=np.float32))
         expected = model.predict(x, verbose=0, batch_size=256)
-        got = np.asarray(hls_model.predict(x)).reshape(expected.shape)
-        result["validation"] = {
-            "examples": int(len(x)),
-            "top1_agreement": float(100.0 * np.mean(np.argmax(got, -1) == np.argmax(expected, -1))),
-            "max_abs_logit_difference": float(np.max(np.abs(got - expected))),
-        }
+        result["validation"] = compare_logits(np.asarray(hls_model.predict(x)).reshape(expected.shape), expected)
     atomic.write_text(Path(out_dir) / "hls4ml_report.json", json.dumps(result, indent=2, default=str))
     return result

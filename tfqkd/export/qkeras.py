@@ -14,7 +14,7 @@ tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
 * each activation quantizer becomes ``quantized_relu(bits, integer)`` (unsigned grids, after a
   ReLU) or ``quantized_bits(bits, integer, 0)`` (signed), whose step is the power of two
   ``2**(integer - bits)`` or ``2**(integer - bits + 1)``: exact when the trained step is a
-  power of two (policies with ``activation_kind: pof2``), otherwise the nearest power of two, and
+  power of two (policies with ``activation_kind: lsq_pof2``), otherwise the nearest power of two, and
   the report names the layer and the ratio of the two steps.
 
 Everything else (BatchNormalization, pooling, concatenation, ReLU) is copied as it is.
@@ -34,25 +34,15 @@ import numpy as np
 from tfqkd import atomic
 from tfqkd._keras import keras
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QActivation, layer_quantizers, quantized_layer_classes
-from tfqkd.quant.quantizers import TfqkdQuantizer
-from tfqkd.quant.transform import as_functional
+from tfqkd.export.validate import compare_logits
+from tfqkd.quant.layers import QActivation, config_key, layer_quantizers, quantized_layer_classes, weight_quantizers
+from tfqkd.quant.transform import as_functional, qkeras_custom_objects, rename_references
 
-__all__ = ["qkeras_objects", "stock_qkeras_model", "to_qkeras", "validate_qkeras"]
+__all__ = ["stock_qkeras_model", "to_qkeras", "validate_qkeras"]
 
 _WEIGHT_CLASSES = ("QConv2D", "QDense", "QDepthwiseConv2D")
-_KERNEL_KEY = {"QConv2D": "kernel_quantizer", "QDense": "kernel_quantizer", "QDepthwiseConv2D": "depthwise_quantizer"}
 # Relative difference under which a trained activation step counts as the power of two it is near.
 _POF2_TOLERANCE = 1e-6
-
-
-def qkeras_objects():
-    """The custom objects stock QKeras registers (``qkeras.utils.load_qmodel`` uses the same)."""
-    import qkeras.utils
-
-    objects = {}
-    qkeras.utils._add_supported_quantized_objects(objects)
-    return objects
 
 
 def _weight_quantizer(quantizer, values, layer_name, report):
@@ -168,23 +158,24 @@ def stock_qkeras_model(model, rename=None):
             continue
         if cls not in _WEIGHT_CLASSES:
             raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
-        kernel_role = "depthwise" if cls == "QDepthwiseConv2D" else "kernel"
-        kernel = getattr(layer, "depthwise_kernel" if kernel_role == "depthwise" else "kernel").numpy()
-        stock, alpha = _weight_quantizer(quantizers[kernel_role], kernel, layer.name, report)
-        fake_kernel = quantizers[kernel_role](kernel, training=False).numpy()
-        layer_config[_KERNEL_KEY[cls]] = stock
+        slots = {role: (attr, quantizer, weight) for attr, role, quantizer, weight in weight_quantizers(layer)}
+        attr, kernel_quantizer, kernel = slots["depthwise" if cls == "QDepthwiseConv2D" else "kernel"]
+        kernel = kernel.numpy()
+        stock, alpha = _weight_quantizer(kernel_quantizer, kernel, layer.name, report)
+        fake_kernel = kernel_quantizer(kernel, training=False).numpy()
+        layer_config[config_key(attr)] = stock
         arrays = [fake_kernel / alpha if alpha is not None else fake_kernel]
         if layer.use_bias:
             bias = layer.bias.numpy()
-            if isinstance(quantizers.get("bias"), TfqkdQuantizer):
-                bias = quantizers["bias"](bias, training=False).numpy()
+            if "bias" in slots:
+                bias = slots["bias"][1](bias, training=False).numpy()
             arrays.append(bias)
         layer_config["bias_quantizer"] = None
         weights[layer.name] = arrays
     if rename:
         config = _renamed(config, rename)
         weights = {rename.get(name, name): arrays for name, arrays in weights.items()}
-    stock_model = keras.Model.from_config(config, custom_objects=qkeras_objects())
+    stock_model = keras.Model.from_config(config, custom_objects=qkeras_custom_objects())
     for layer in stock_model.layers:
         layer.set_weights(weights[layer.name])
     return stock_model, report
@@ -192,20 +183,12 @@ def stock_qkeras_model(model, rename=None):
 
 def _renamed(config, rename):
     """A functional config with layers renamed (their entries and every reference to them)."""
-
-    def fix(value):
-        if isinstance(value, list):
-            if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int) and value[0] in rename:
-                return [rename[value[0]], *value[1:]]
-            return [fix(v) for v in value]
-        return value
-
     for entry in config["layers"]:
         if entry["name"] in rename:
             entry["name"] = entry["config"]["name"] = rename[entry["name"]]
-        entry["inbound_nodes"] = fix(entry["inbound_nodes"])
-    config["input_layers"] = fix(config["input_layers"])
-    config["output_layers"] = fix(config["output_layers"])
+        entry["inbound_nodes"] = rename_references(entry["inbound_nodes"], rename)
+    config["input_layers"] = rename_references(config["input_layers"], rename)
+    config["output_layers"] = rename_references(config["output_layers"], rename)
     return config
 
 
@@ -244,9 +227,4 @@ def validate_qkeras(path, x, expected):
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise TfqkdError(f"stock QKeras could not load {path}: {last[:200]}")
         got = np.load(outputs)
-    expected = np.asarray(expected)
-    return {
-        "examples": int(len(x)),
-        "top1_agreement": float(100.0 * np.mean(np.argmax(got, -1) == np.argmax(expected, -1))),
-        "max_abs_logit_difference": float(np.max(np.abs(got - expected))),
-    }
+    return compare_logits(got, expected)

@@ -16,7 +16,7 @@ import numpy as np
 from tfqkd.errors import TfqkdError
 from tfqkd.export.inspect import load_interpreter
 
-__all__ = ["format_report", "run_tflite", "validate_tflite"]
+__all__ = ["compare_logits", "format_report", "run_tflite", "validate_tflite"]
 
 _BATCH = 100
 
@@ -115,6 +115,20 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
     atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode(), force=force)
     report["report"] = str(report_path)
     return report
+
+
+def compare_logits(got, expected):
+    """How an exported model's logits ``got`` agree with the Keras model's ``expected``.
+
+    Returns:
+      dict with ``examples``, ``top1_agreement`` (%) and ``max_abs_logit_difference``.
+    """
+    got, expected = np.asarray(got), np.asarray(expected)
+    return {
+        "examples": int(len(expected)),
+        "top1_agreement": float(100.0 * np.mean(np.argmax(got, -1) == np.argmax(expected, -1))),
+        "max_abs_logit_difference": float(np.max(np.abs(got - expected))),
+    }
 
 
 def format_report(report):

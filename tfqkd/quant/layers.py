@@ -24,7 +24,7 @@ from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
 
 __all__ = [
     "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers", "model_quantizers",
-    "quantized_layer_classes",
+    "quantized_layer_classes", "weight_quantizers",
 ]  # fmt: skip
 
 
@@ -41,24 +41,25 @@ def _build_quantizer(layer, quantizer, role, shape):
         quantizer.build_variables(layer, role, shape)
 
 
+#: (attribute holding a weight quantizer, the weight it quantizes, role in state names).
+WEIGHT_SLOTS = (
+    ("kernel_quantizer_internal", "kernel", "kernel"),
+    ("depthwise_quantizer_internal", "depthwise_kernel", "depthwise"),
+    ("bias_quantizer_internal", "bias", "bias"),
+)
+
+
 class _WeightQuantizedMixin:
     """Shared by the conv and dense layers: build state, drop QKeras' clipping, serialize quantizers."""
 
     #: (attribute holding the weight quantizer, name of the weight, role).
     _weight_roles = (("kernel_quantizer_internal", "kernel", "kernel"),)
-    #: Attribute holding a quantizer -> its key in the layer config.
-    _quantizer_keys = {
-        "kernel_quantizer_internal": "kernel_quantizer",
-        "depthwise_quantizer_internal": "depthwise_quantizer",
-        "bias_quantizer_internal": "bias_quantizer",
-    }
-
     def get_config(self):
         # QKeras writes quantizers with keras.constraints.serialize(), which warns
         # on every save that they are not Constraints. Hide them from QKeras'
         # get_config (bypassing Keras' attribute tracking) and serialize them as
         # the Keras objects they are.
-        held = {attr: getattr(self, attr) for attr in self._quantizer_keys if getattr(self, attr, None) is not None}
+        held = {attr: getattr(self, attr) for attr, _, _ in WEIGHT_SLOTS if getattr(self, attr, None) is not None}
         for attr in held:
             object.__setattr__(self, attr, None)
         try:
@@ -67,7 +68,7 @@ class _WeightQuantizedMixin:
             for attr, quantizer in held.items():
                 object.__setattr__(self, attr, quantizer)
         for attr, quantizer in held.items():
-            config[self._quantizer_keys[attr]] = keras.utils.serialize_keras_object(quantizer)
+            config[config_key(attr)] = keras.utils.serialize_keras_object(quantizer)
         return config
 
     def _restore_float_behaviour(self, kernel_initializer, kernel_constraint, bias_constraint):
@@ -163,21 +164,26 @@ def quantized_layer_classes():
     return {cls.__name__: cls for cls in (QConv2D, QDepthwiseConv2D, QDense, QActivation)}
 
 
-_QUANTIZER_ATTRIBUTES = (
-    ("kernel_quantizer_internal", "kernel"),
-    ("depthwise_quantizer_internal", "depthwise"),
-    ("bias_quantizer_internal", "bias"),
-    ("quantizer", "input"),
-)
+def config_key(attr):
+    """The layer-config key of a quantizer attribute (``kernel_quantizer_internal`` -> ``kernel_quantizer``)."""
+    return attr.removesuffix("_internal")
+
+
+def weight_quantizers(layer):
+    """The tfqkd weight quantizers of one layer as ``[(attribute, role, quantizer, weight)]``."""
+    found = []
+    for attr, weight_name, role in WEIGHT_SLOTS:
+        quantizer, weight = getattr(layer, attr, None), getattr(layer, weight_name, None)
+        if isinstance(quantizer, TfqkdQuantizer) and weight is not None:
+            found.append((attr, role, quantizer, weight))
+    return found
 
 
 def layer_quantizers(layer):
     """The tfqkd quantizers of one layer as ``[(role, quantizer)]`` (role: kernel, depthwise, bias, input)."""
-    found = []
-    for attr, role in _QUANTIZER_ATTRIBUTES:
-        quantizer = getattr(layer, attr, None)
-        if isinstance(quantizer, TfqkdQuantizer) and all(quantizer is not q for _, q in found):
-            found.append((role, quantizer))
+    found = [(role, quantizer) for _, role, quantizer, _ in weight_quantizers(layer)]
+    if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer):
+        found.append(("input", layer.quantizer))
     return found
 
 

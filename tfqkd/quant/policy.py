@@ -37,7 +37,6 @@ QUANTIZABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
 #: "lsq_pof2": a learned step used as its nearest power of two, which stock QKeras, hls4ml and
 #: shift-only hardware express exactly.
 KINDS = ("lsq", "affine", "pof2", "lsq_pof2")
-ACTIVATION_KINDS = KINDS
 _SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "kind", "activation_kind")
 
 
@@ -55,7 +54,7 @@ class QuantSpec:
         running min-max), "pof2" (DPU power-of-two), "lsq_pof2" (learned
         power-of-two steps).
       activation_kind: the input activations' family when it differs from
-        ``kind``: one of ``ACTIVATION_KINDS`` ("lsq_pof2": learned power-of-two
+        ``kind``: one of ``KINDS`` ("lsq_pof2": learned power-of-two
         steps, exported exactly by ``tfqkd export --target qkeras``); None: ``kind``.
     """
 
@@ -75,10 +74,8 @@ class QuantSpec:
         if self.kind == "pof2" and (self.weight_bits != 8 or self.activation_bits not in (8, None)):
             raise TfqkdError("the DPU quantizer kind 'pof2' supports 8 bits only")
         if self.activation_kind is not None:
-            if self.activation_kind not in ACTIVATION_KINDS:
-                raise TfqkdError(
-                    f"unknown activation_kind {self.activation_kind!r}; expected one of {', '.join(ACTIVATION_KINDS)}"
-                )
+            if self.activation_kind not in KINDS:
+                raise TfqkdError(f"unknown activation_kind {self.activation_kind!r}; expected one of {', '.join(KINDS)}")
             if self.activation_kind == "pof2" and self.activation_bits not in (8, None):
                 raise TfqkdError("activation_kind 'pof2' (the DPU quantizer) supports 8 bits only; use 'lsq_pof2'")
 

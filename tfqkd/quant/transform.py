@@ -18,7 +18,7 @@ import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QActivation, quantized_layer_classes
+from tfqkd.quant.layers import QActivation, quantized_layer_classes, weight_quantizers
 from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, resolve_policy
 from tfqkd.quant.quantizers import (
     AffineQuantizer,
@@ -61,16 +61,31 @@ def custom_objects():
       dict for ``keras.models.load_model(..., custom_objects=...)``: QKeras'
       objects with the QKeras layer names mapped to the tfqkd subclasses.
     """
-    import qkeras.utils
-
     from tfqkd.quant.dpu import dpu_custom_objects  # local: dpu builds on this module
 
-    objects = {}
-    qkeras.utils._add_supported_quantized_objects(objects)
+    objects = qkeras_custom_objects()
     objects.update(quantized_layer_classes())
     objects.update(dpu_custom_objects())  # registers the DPU quantizer too
     objects.update(registered_quantizers())
     return objects
+
+
+def qkeras_custom_objects():
+    """The custom objects stock QKeras registers (``qkeras.utils.load_qmodel`` uses the same)."""
+    import qkeras.utils
+
+    objects = {}
+    qkeras.utils._add_supported_quantized_objects(objects)
+    return objects
+
+
+def rename_references(value, renamed):
+    """``inbound_nodes``-style config ``value`` with references to layers in ``renamed`` replaced."""
+    if isinstance(value, list):
+        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int) and value[0] in renamed:
+            return [renamed[value[0]], *value[1:]]
+        return [rename_references(v, renamed) for v in value]
+    return value
 
 
 def make_weight_quantizer(spec, bits=None):
@@ -106,11 +121,10 @@ def make_input_quantizer(spec, signed, initial_range=None):
       a tfqkd quantizer.
     """
     if spec.input_kind in ("lsq", "lsq_pof2"):
-        step = None
+        quantizer = LearnedStepQuantizer(spec.activation_bits, signed=signed, power_of_two=spec.input_kind == "lsq_pof2")
         if initial_range is not None:
-            step = initial_range / LearnedStepQuantizer(spec.activation_bits, signed=signed).qmax
-        power_of_two = spec.input_kind == "lsq_pof2"
-        return LearnedStepQuantizer(spec.activation_bits, signed=signed, initial_step=step, power_of_two=power_of_two)
+            quantizer.initial_step = initial_range / quantizer.qmax  # before the layer builds the state from it
+        return quantizer
     if spec.input_kind == "affine":
         return AffineQuantizer(spec.activation_bits, signed=signed, running=True)
     return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
@@ -350,7 +364,7 @@ def quantize(
         float_weights = layer.get_weights()
         if float_weights:
             qlayer.set_weights(float_weights + qlayer.get_weights()[len(float_weights) :])
-        for quantizer, weight in _weight_quantizers(qlayer):
+        for _, _, quantizer, weight in weight_quantizers(qlayer):
             quantizer.initialize(weight.numpy(), method=init)
     for qin_name, target in input_quantizers.items():
         if target in probe_values:
@@ -367,16 +381,9 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
     kind = kinds.pop() if len(kinds) == 1 else "lsq"
     renamed = {name: name + INTERMEDIATE_QUANTIZER_SUFFIX for name in intermediates}
 
-    def rewire(value):
-        if isinstance(value, list):
-            if len(value) >= 3 and isinstance(value[0], str) and value[0] in renamed and isinstance(value[1], int):
-                return [renamed[value[0]], *value[1:]]
-            return [rewire(v) for v in value]
-        return value
-
     result = []
     for entry in layers:
-        entry["inbound_nodes"] = rewire(entry["inbound_nodes"])
+        entry["inbound_nodes"] = rename_references(entry["inbound_nodes"], renamed)
         result.append(entry)
         name = entry["name"]
         if name in intermediates:
@@ -397,19 +404,6 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
     return result
 
 
-def _weight_quantizers(layer):
-    pairs = []
-    for attr, weight in (
-        ("kernel_quantizer_internal", "kernel"),
-        ("depthwise_quantizer_internal", "depthwise_kernel"),
-        ("bias_quantizer_internal", "bias"),
-    ):
-        quantizer = getattr(layer, attr, None)
-        if isinstance(quantizer, TfqkdQuantizer) and getattr(layer, weight, None) is not None:
-            pairs.append((quantizer, getattr(layer, weight)))
-    return pairs
-
-
 def is_quantized(model):
     """Whether ``model`` contains tfqkd/QKeras quantized layers."""
     classes = set(quantized_layer_classes())
@@ -427,10 +421,10 @@ def layer_specs(model):
     """
     specs = {}
     for layer in model.layers:
-        pairs = _weight_quantizers(layer)
+        pairs = weight_quantizers(layer)
         if not pairs:
             continue
-        weight_q = pairs[0][0]
+        weight_q = pairs[0][2]
         bias_q = getattr(layer, "bias_quantizer_internal", None)
         qin = _input_quantizer_layer(model, layer.name)
         input_kind = None if qin is None else qin.quantizer.kind

@@ -38,7 +38,7 @@ import numpy as np
 from tfqkd._keras import keras
 from tfqkd.errors import TfqkdError
 
-__all__ = ["DeadRunAlarm", "DivergenceGuard", "check", "is_dead_epoch"]
+__all__ = ["DeadRunAlarm", "DivergenceGuard", "chance_accuracy_ceiling", "check", "is_dead_epoch"]
 
 # The second part of an epoch counts as flat when its mean loss is above this
 # fraction of the first part's (a dead run: 2.310 -> 2.303; a slow but live one
@@ -48,7 +48,7 @@ _FLAT_LOSS = 0.99
 _EARLY_SHARE = 0.25
 
 
-def _chance_accuracy_ceiling(num_classes):
+def chance_accuracy_ceiling(num_classes):
     """Top-1 accuracy (0-1) below which a classifier is at chance (1/C plus class imbalance)."""
     chance = 1.0 / num_classes
     return min(1.5 * chance, chance + 0.1)
@@ -75,7 +75,7 @@ def is_dead_epoch(num_classes, accuracy=None, early_loss=None, late_loss=None):
     if late_loss < _FLAT_LOSS * early_loss:
         return False
     if accuracy is not None:
-        return accuracy <= _chance_accuracy_ceiling(num_classes)
+        return accuracy <= chance_accuracy_ceiling(num_classes)
     return abs(late_loss - math.log(num_classes)) <= 0.02 * math.log(num_classes)
 
 

@@ -123,7 +123,6 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
         "compile_command": compile_command(arch, name),
         "nodes": _node_report(graph),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         h5_path = write_quantized_h5(graph, staging / "quantized.h5")
