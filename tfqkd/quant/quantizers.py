@@ -232,6 +232,48 @@ class TfqkdQuantizer:
         return cls(**config)
 
 
+# Tensors at least this large take the XLA-fused kernels below; smaller ones (most
+# weights) the plain ops, whose launch costs less than an XLA call. Both compute
+# the same bits (tests/test_quant.py checks it).
+_FUSE_MIN_ELEMENTS = 16384
+_XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
+
+
+def _fake_quant(x, step, qmin, qmax):
+    return tf.round(tf.clip_by_value(x / step, qmin, qmax)) * step
+
+
+def _input_gradient(upstream, x, step, qmin, qmax):
+    """Straight-through: ``upstream`` where ``x / step`` lies inside the code range, 0 outside (LSQ)."""
+    scaled = x / step
+    return upstream * tf.cast(tf.clip_by_value(scaled, qmin, qmax) == scaled, upstream.dtype)
+
+
+def _step_gradient_terms(upstream, x, step, qmin, qmax):
+    """``upstream * d(s * round(clip(x/s)))/ds``: the rounding error inside the range, the clipped code outside."""
+    scaled = x / step
+    clipped = tf.clip_by_value(scaled, qmin, qmax)
+    return upstream * tf.where(clipped == scaled, tf.round(clipped) - scaled, clipped)
+
+
+# One pass over the tensor each instead of four to eight: element-wise chains are
+# what makes a quantized step cost more than a float one (issue 16). Reductions
+# stay outside: XLA's CPU reductions run on one thread.
+_fused_fake_quant = tf.function(_fake_quant, **_XLA)
+_fused_input_gradient = tf.function(_input_gradient, **_XLA)
+_fused_step_gradient_terms = tf.function(_step_gradient_terms, **_XLA)
+
+
+def _norm(x):
+    # l2_loss is one pass (sum of squares / 2); tf.norm is two.
+    return tf.sqrt(2.0 * tf.nn.l2_loss(x))
+
+
+def _is_large(x):
+    numel = x.shape.num_elements()  # None when the batch size is not known yet: an activation
+    return numel is None or numel >= _FUSE_MIN_ELEMENTS
+
+
 @tf.custom_gradient
 def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     """Fake quantization on a step ``s = exp(u)``, with the LSQ gradient taken in log space.
@@ -258,21 +300,19 @@ def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     ``__init__``).
     """
     step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
-    scaled = x / step
-    clipped = tf.clip_by_value(scaled, qmin, qmax)
-    codes = tf.round(clipped)
+    large = _is_large(x)
+    fake_quant = _fused_fake_quant if large else _fake_quant
+    input_gradient = _fused_input_gradient if large else _input_gradient
+    step_gradient_terms = _fused_step_gradient_terms if large else _step_gradient_terms
 
     def grad(upstream):
-        inside = tf.cast((scaled >= qmin) & (scaled <= qmax), upstream.dtype)
-        grad_x = upstream * inside
-        # d(s * round(clip(x/s)))/ds: the rounding error inside, the clipped code outside.
-        per_element = inside * (codes - scaled) + (1.0 - inside) * clipped
-        relative = tf.reduce_sum(upstream * per_element) * grad_scale / step
-        bound = tf.norm(upstream) / (tf.norm(x) + 1e-12)
+        relative = tf.reduce_sum(step_gradient_terms(upstream, x, step, qmin, qmax)) * grad_scale / step
+        bound = _norm(upstream) / (_norm(x) + 1e-12)
         constant = tf.zeros_like(qmin)
+        grad_x = input_gradient(upstream, x, step, qmin, qmax)
         return grad_x, tf.clip_by_value(relative, -bound, bound), constant, constant, constant
 
-    return codes * step, grad
+    return fake_quant(x, step, qmin, qmax), grad
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
