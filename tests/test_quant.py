@@ -121,6 +121,38 @@ def test_learned_step_receives_lsq_gradient_in_log_space():
     np.testing.assert_allclose(_log_step_gradient(q, x), np.sqrt(3) / np.linalg.norm(x), rtol=1e-5)
 
 
+@pytest.mark.parametrize("signed,bits", [(False, 8), (True, 4)])
+def test_fused_and_plain_learned_step_kernels_compute_the_same_bits(monkeypatch, signed, bits):
+    """Activation-sized tensors take XLA-fused kernels, small ones plain ops: same output and gradients."""
+    from tfqkd.quant import quantizers as Q
+
+    rng = np.random.default_rng(7)
+    x = tf.constant((rng.standard_normal((4, 9, 9, 8)) * 2 + (0 if signed else 1)).astype("float32"))
+    upstream = tf.constant(rng.standard_normal(x.shape).astype("float32"))
+    q = _bound(LearnedStepQuantizer(bits, signed=signed), shape=x.shape[1:])
+    q.assign_step(3.0 / q.qmax)  # some values clip, most do not
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = q(x)
+        return [y.numpy(), *(g.numpy() for g in tape.gradient(y, [x, q.log_step], output_gradients=upstream))]
+
+    results = {}
+    for threshold, path in [(0, "fused"), (10**9, "plain")]:
+        monkeypatch.setattr(Q, "_FUSE_MIN_ELEMENTS", threshold)
+        results[path] = run()
+    for fused, plain in zip(results["fused"], results["plain"]):
+        np.testing.assert_array_equal(fused, plain)
+    # and they are what the formula says
+    step = q.step.numpy()[0]
+    codes = np.clip(np.round(x.numpy() / step), q.qmin, q.qmax)
+    np.testing.assert_array_equal(results["fused"][0], (codes * step).astype("float32"))
+    inside = (x.numpy() / step >= q.qmin) & (x.numpy() / step <= q.qmax)
+    assert 0 < inside.mean() < 1
+    np.testing.assert_array_equal(results["fused"][1], upstream.numpy() * inside)
+
+
 def test_learned_step_stays_positive_after_a_huge_update():
     """A step driven towards zero by a huge update stays positive, and the model still trains."""
     rng = np.random.default_rng(4)

@@ -233,8 +233,8 @@ class TfqkdQuantizer:
 
 
 # Tensors at least this large take the XLA-fused kernels below; smaller ones (most
-# weights) the plain ops, whose launch costs less than an XLA call. Both compute
-# the same bits (tests/test_quant.py checks it).
+# weights) plain ops, which cost less than an XLA launch there. Both give the same
+# bits (tests/test_quant.py checks it).
 _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
 
@@ -257,20 +257,15 @@ def _step_gradient_terms(upstream, x, step, qmin, qmax):
 
 
 # One pass over the tensor each instead of four to eight: element-wise chains are
-# what makes a quantized step cost more than a float one (issue 16). Reductions
-# stay outside: XLA's CPU reductions run on one thread.
+# what made a quantized step cost twice a float one (issue 16). Reductions stay
+# outside: XLA's CPU reductions run on one thread.
 _fused_fake_quant = tf.function(_fake_quant, **_XLA)
 _fused_input_gradient = tf.function(_input_gradient, **_XLA)
 _fused_step_gradient_terms = tf.function(_step_gradient_terms, **_XLA)
 
 
-def _norm(x):
-    # l2_loss is one pass (sum of squares / 2); tf.norm is two.
-    return tf.sqrt(2.0 * tf.nn.l2_loss(x))
-
-
 def _is_large(x):
-    numel = x.shape.num_elements()  # None when the batch size is not known yet: an activation
+    numel = x.shape.num_elements()  # None while the batch size is unknown: an activation
     return numel is None or numel >= _FUSE_MIN_ELEMENTS
 
 
@@ -295,24 +290,37 @@ def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     SGD can do with any learning rate. (The owning layer also keeps ``s``
     within a factor ``STEP_BAND`` of its initial step: ``log_step_bounds``.)
 
-    Defined once at module level: building a ``tf.custom_gradient`` inside
-    code that AutoGraph converts fails (it converts the decorator's own
-    ``__init__``).
+    ``log_step`` has the variable's shape (1,): slicing it would add a slice
+    and its gradient to every step. Defined once at module level: building a
+    ``tf.custom_gradient`` inside code that AutoGraph converts fails (it
+    converts the decorator's own ``__init__``).
     """
     step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
-    large = _is_large(x)
-    fake_quant = _fused_fake_quant if large else _fake_quant
-    input_gradient = _fused_input_gradient if large else _input_gradient
-    step_gradient_terms = _fused_step_gradient_terms if large else _step_gradient_terms
+    if _is_large(x):
+        output = _fused_fake_quant(x, step, qmin, qmax)
+
+        def gradient_terms(upstream):
+            return (_fused_input_gradient(upstream, x, step, qmin, qmax),
+                    _fused_step_gradient_terms(upstream, x, step, qmin, qmax))  # fmt: skip
+    else:
+        # Small tensors: the backward reuses the forward's intermediates.
+        scaled = x / step
+        clipped = tf.clip_by_value(scaled, qmin, qmax)
+        codes = tf.round(clipped)
+        inside = clipped == scaled
+        output = codes * step
+
+        def gradient_terms(upstream):
+            return upstream * tf.cast(inside, upstream.dtype), upstream * tf.where(inside, codes - scaled, clipped)
 
     def grad(upstream):
-        relative = tf.reduce_sum(step_gradient_terms(upstream, x, step, qmin, qmax)) * grad_scale / step
-        bound = _norm(upstream) / (_norm(x) + 1e-12)
-        constant = tf.zeros_like(qmin)
-        grad_x = input_gradient(upstream, x, step, qmin, qmax)
-        return grad_x, tf.clip_by_value(relative, -bound, bound), constant, constant, constant
+        grad_x, step_terms = gradient_terms(upstream)
+        relative = tf.reduce_sum(step_terms) * grad_scale / step
+        # ||dL/dx_hat|| / ||x||; l2_loss is one pass (tf.norm two), and its factor 1/2 cancels.
+        bound = tf.sqrt(tf.nn.l2_loss(upstream) / (tf.nn.l2_loss(x) + 1e-30))
+        return grad_x, tf.clip_by_value(relative, -bound, bound), None, None, None
 
-    return fake_quant(x, step, qmin, qmax), grad
+    return output, grad
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
@@ -440,7 +448,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             return round_ste(tf.clip_by_value(x / step, float(self.qmin), float(self.qmax))) * step
         grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
         constants = [tf.constant(v, x.dtype) for v in (self.qmin, self.qmax, grad_scale)]
-        log_step = self._effective_log_step(tf.cast(self.log_step[0], x.dtype))
+        log_step = self._effective_log_step(tf.cast(tf.convert_to_tensor(self.log_step), x.dtype))
         return _learned_step_fake_quant(x, log_step, *constants)
 
     def initialize(self, values, method="minmax"):
