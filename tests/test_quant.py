@@ -153,6 +153,41 @@ def test_fused_and_plain_learned_step_kernels_compute_the_same_bits(monkeypatch,
     np.testing.assert_array_equal(results["fused"][1], upstream.numpy() * inside)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: AffineQuantizer(8, signed=False, running=True), lambda: AffineQuantizer(4, signed=True),
+             lambda: Pof2Quantizer(8, rounding="half_up", running=True), lambda: Pof2Quantizer(8)],
+    ids=["affine_running", "affine_weights", "pof2_half_up", "pof2_even"],
+)  # fmt: skip
+def test_fused_and_plain_affine_and_pof2_kernels_compute_the_same_bits(monkeypatch, make):
+    from tfqkd.quant import quantizers as Q
+
+    rng = np.random.default_rng(8)
+    x = tf.constant((rng.standard_normal((4, 9, 9, 8)) * 2).astype("float32"))
+    upstream = tf.constant(rng.standard_normal(x.shape).astype("float32"))
+    q = _bound(make(), shape=x.shape[1:])
+    q.initialize(x.numpy() * 0.6)  # running ranges narrower than x: some values clip
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = q(x)
+        return [y.numpy(), tape.gradient(y, x, output_gradients=upstream).numpy()]
+
+    results = {}
+    for threshold, path in [(0, "fused"), (10**9, "plain")]:
+        monkeypatch.setattr(Q, "_FUSE_MIN_ELEMENTS", threshold)
+        results[path] = run()
+    # the reference: TensorFlow's autodiff of the plain forward
+    monkeypatch.setattr(Q, "_affine_straight_through", Q._affine_fake_quant)
+    monkeypatch.setattr(Q, "_pof2_straight_through", lambda *a: Q._pof2_fake_quant(*a[:5], bool(a[5].numpy())))
+    results["autodiff"] = run()
+    for path in ("fused", "plain"):
+        np.testing.assert_array_equal(results[path][0], results["autodiff"][0])
+        np.testing.assert_array_equal(results[path][1], results["autodiff"][1])
+    assert 0 < np.mean(results["fused"][1] == 0) < 0.9 or not q.running  # clipped values get no gradient
+    assert len(np.unique(results["fused"][0])) <= 2**q.bits
+
+
 def test_learned_step_stays_positive_after_a_huge_update():
     """A step driven towards zero by a huge update stays positive, and the model still trains."""
     rng = np.random.default_rng(4)

@@ -269,6 +269,64 @@ def _is_large(x):
     return numel is None or numel >= _FUSE_MIN_ELEMENTS
 
 
+def _affine_fake_quant(x, scale, zero_point, qmin, qmax):
+    codes = tf.clip_by_value(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (codes - zero_point) * scale
+
+
+def _affine_input_gradient(upstream, x, scale, zero_point, qmin, qmax):
+    # What autodiff of _affine_fake_quant gives, op for op: the clip passes the gradient
+    # where the rounded code lies inside [qmin, qmax].
+    codes = round_ste(x / scale) + zero_point
+    return tf.where((codes >= qmin) & (codes <= qmax), upstream * scale, tf.zeros_like(upstream)) / scale
+
+
+def _pof2_fake_quant(x, up, down, qmin, qmax, half_up):
+    # up = 2**pos, down = 2**-pos, computed outside: XLA's pow need not be exact.
+    scaled = x * up
+    rounded = _round_half_up_ste(scaled) if half_up else round_ste(scaled)
+    return tf.clip_by_value(rounded, qmin, qmax) * down
+
+
+def _pof2_input_gradient(upstream, x, up, down, qmin, qmax, half_up):
+    scaled = x * up
+    rounded = _round_half_up_ste(scaled) if half_up else round_ste(scaled)
+    return tf.where((rounded >= qmin) & (rounded <= qmax), upstream * down, tf.zeros_like(upstream)) * up
+
+
+_fused_affine_fake_quant = tf.function(_affine_fake_quant, **_XLA)
+_fused_affine_input_gradient = tf.function(_affine_input_gradient, **_XLA)
+_fused_pof2_fake_quant = tf.function(_pof2_fake_quant, **_XLA)
+_fused_pof2_input_gradient = tf.function(_pof2_input_gradient, **_XLA)
+
+
+# Autodiff through an XLA function costs more than the plain ops: these state the
+# straight-through gradient of the two fixed-scale schemes themselves.
+@tf.custom_gradient
+def _affine_straight_through(x, scale, zero_point, qmin, qmax):
+    large = _is_large(x)
+    fake_quant = _fused_affine_fake_quant if large else _affine_fake_quant
+    input_gradient = _fused_affine_input_gradient if large else _affine_input_gradient
+
+    def grad(upstream):
+        return input_gradient(upstream, x, scale, zero_point, qmin, qmax), None, None, None, None
+
+    return fake_quant(x, scale, zero_point, qmin, qmax), grad
+
+
+@tf.custom_gradient
+def _pof2_straight_through(x, up, down, qmin, qmax, half_up):
+    large = _is_large(x)
+    fake_quant = _fused_pof2_fake_quant if large else _pof2_fake_quant
+    input_gradient = _fused_pof2_input_gradient if large else _pof2_input_gradient
+    half_up = bool(tf.get_static_value(half_up))  # a constant: picks the rounding at trace time
+
+    def grad(upstream):
+        return input_gradient(upstream, x, up, down, qmin, qmax, half_up), None, None, None, None, None
+
+    return fake_quant(x, up, down, qmin, qmax, half_up), grad
+
+
 @tf.custom_gradient
 def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     """Fake quantization on a step ``s = exp(u)``, with the LSQ gradient taken in log space.
@@ -574,9 +632,8 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         lo, hi = self._range(x, training)
         scale, zero_point = self.scale_and_zero_point(lo, hi)
         scale, zero_point = tf.stop_gradient(scale), tf.stop_gradient(zero_point)
-        codes = tf.clip_by_value(round_ste(x / scale) + zero_point, float(self.qmin), float(self.qmax))
-        # The STE passes gradients only where x is inside the representable range.
-        return (codes - zero_point) * scale
+        qmin, qmax = (tf.constant(float(v), x.dtype) for v in (self.qmin, self.qmax))
+        return _affine_straight_through(x, tf.cast(scale, x.dtype), tf.cast(zero_point, x.dtype), qmin, qmax)
 
     def initialize(self, values, method="minmax"):
         """Seeds the running min/max from sample values (no-op for weights)."""
@@ -651,9 +708,9 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
         pos = tf.stop_gradient(tf.cast(self.position_for(self._absmax(x, training)), x.dtype))
-        scaled = x * tf.pow(2.0, pos)
-        rounded = round_ste(scaled) if self.rounding == "even" else _round_half_up_ste(scaled)
-        return tf.clip_by_value(rounded, float(self.qmin), float(self.qmax)) * tf.pow(2.0, -pos)
+        qmin, qmax = (tf.constant(float(v), x.dtype) for v in (self.qmin, self.qmax))
+        half_up = tf.constant(self.rounding == "half_up")
+        return _pof2_straight_through(x, tf.pow(2.0, pos), tf.pow(2.0, -pos), qmin, qmax, half_up)
 
     def initialize(self, values, method="minmax"):
         """Seeds the running maximum from sample values (no-op for weights)."""
