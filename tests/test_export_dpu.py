@@ -12,12 +12,13 @@ import tfqkd
 from tfqkd._keras import keras
 from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
-from tfqkd.export.dpu import check_model, emulate_h5, read_quantized_h5, to_dpu
-from tfqkd.export.dpu.emulator import DPUEmulator, round_shift
-from tfqkd.export.dpu.graph import graph_from_dpu_model
-from tfqkd.export.dpu.positions import check_limits, shift_bias_range
+from tfqkd.dpu import avgpool_factor, check_model, fold_batchnorm, quantize_for_dpu
+from tfqkd.dpu.arithmetic import shift_bias_range
+from tfqkd.dpu.emulator import DPUEmulator, round_shift
+from tfqkd.dpu.graph import graph_from_dpu_model
+from tfqkd.dpu.positions import check_limits
+from tfqkd.export.dpu import emulate_h5, read_quantized_h5, to_dpu
 from tfqkd.export.dpu.runner_template import quantize_images, run_threads, split_ranges
-from tfqkd.quant.dpu import avgpool_factor, fold_batchnorm, quantize_for_dpu
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

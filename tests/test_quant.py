@@ -416,7 +416,7 @@ def test_saving_a_quantized_model_warns_nothing_about_serialization(tmp_path):
 
 def test_every_quantizer_states_the_grid_its_outputs_lie_on():
     """The quantizer contract: exporters read grid(), never the quantizer's class."""
-    from tfqkd.quant.dpu import DPUQuantizer
+    from tfqkd.dpu import DPUQuantizer
     from tfqkd.quant.grid import Grid
 
     rng = np.random.default_rng(7)
@@ -461,7 +461,7 @@ def test_one_list_of_quantizer_state_for_decay_and_parameter_counts():
 
 def test_a_quantizer_rebuilt_from_its_config_computes_what_its_layer_computes():
     """QKeras' tools and hls4ml rebuild a layer's quantizer from its config and call it on their own."""
-    from tfqkd.quant.dpu import DPUQuantizer
+    from tfqkd.dpu import DPUQuantizer
 
     data = np.random.default_rng(5).random((8, 8, 8, 3)).astype("float32")
     qmodel = quantize(_small_cnn(), "w4a4", data)

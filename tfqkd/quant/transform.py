@@ -13,13 +13,14 @@ concatenation) is copied unchanged, weights included.
 """
 
 import copy
+import warnings
 
 import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.layers import QActivation, quantized_layer_classes, weight_quantizers
-from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, resolve_policy
+from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, check_target_policy, lookalike_target, resolve_policy
 from tfqkd.quant.quantizers import (
     AffineQuantizer,
     LearnedStepQuantizer,
@@ -27,6 +28,7 @@ from tfqkd.quant.quantizers import (
     TfqkdQuantizer,
     registered_quantizers,
 )
+from tfqkd.quant.targets import list_targets
 
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX",
@@ -59,13 +61,14 @@ def custom_objects():
 
     Returns:
       dict for ``keras.models.load_model(..., custom_objects=...)``: QKeras'
-      objects with the QKeras layer names mapped to the tfqkd subclasses.
+      objects with the QKeras layer names mapped to the tfqkd subclasses, every
+      registered quantizer and what the registered targets' models use
+      (:mod:`tfqkd.quant.targets`; the DPU's pooling layer).
     """
-    from tfqkd.quant.dpu import dpu_custom_objects  # local: dpu builds on this module
-
     objects = qkeras_custom_objects()
     objects.update(quantized_layer_classes())
-    objects.update(dpu_custom_objects())  # registers the DPU quantizer too
+    for target in list_targets().values():
+        objects.update(target.custom_objects())
     objects.update(registered_quantizers())
     return objects
 
@@ -249,8 +252,11 @@ def quantize(
     Args:
       model: functional or Sequential float Keras model.
       policy: preset name, YAML path, dict or QuantPolicy (see
-        :mod:`tfqkd.quant.policy`). The ``dpu`` preset builds the DPU-exact
-        model of :func:`tfqkd.quant.dpu.quantize_for_dpu` (DPU variants only).
+        :mod:`tfqkd.quant.policy`). A policy with a ``target`` (the ``dpu``
+        preset, or ``target: dpu`` in YAML) builds that target's model: for
+        the DPU, the DPU-exact model of :func:`tfqkd.dpu.quantize_for_dpu`
+        (DPU variants only). A policy without one builds the generic twin,
+        and warns when its specs equal a target's.
       calibration_data: one batch of inputs (array) or a tf.data.Dataset whose
         first batch is used; it initialises the activation intervals from the
         min-max of the float model's activations and decides which inputs are
@@ -276,11 +282,18 @@ def quantize(
       TfqkdError: bad policy, model type or calibration data.
     """
     policy = resolve_policy(policy)
-    if policy == resolve_policy("dpu"):
-        # The DPU preset is DPU-exact: BN folded, every written tensor on a power-of-two grid.
-        from tfqkd.quant.dpu import quantize_for_dpu
-
-        return quantize_for_dpu(model, calibration_data)
+    if policy.target is not None:
+        # The target is chosen explicitly and builds its own model (the DPU: BN folded, every
+        # written tensor on a power-of-two grid).
+        return check_target_policy(policy).build(model, calibration_data)
+    lookalike = lookalike_target(policy)
+    if lookalike is not None:
+        warnings.warn(
+            f"policy {policy.name!r} has the specs of target {lookalike.name!r} but does not name it: it builds "
+            f"the generic QKeras twin, not the {lookalike.name} model; add 'target: {lookalike.name}' "
+            f"(or use the {lookalike.name!r} preset) for that",
+            stacklevel=2,
+        )
     model = as_functional(model)
     layers = [(layer.name, type(layer).__name__) for layer in model.layers]
     specs = policy.resolve(layers, warn=warn_unused_rules)

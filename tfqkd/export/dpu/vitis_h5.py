@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from tfqkd.errors import TfqkdError
-from tfqkd.export.dpu.graph import WEIGHTED_OPS, DPUGraph, DPUNode
+from tfqkd.dpu.graph import WEIGHTED_OPS, DPUGraph, DPUNode
 
 __all__ = ["QUANTIZE_MODE", "read_quantized_h5", "write_quantized_h5"]
 
@@ -197,7 +197,7 @@ def write_quantized_h5(graph, path):
     """Writes a positioned DPU graph as a Vitis-AI TF2 quantized Keras HDF5 model.
 
     Args:
-      graph: a :class:`~tfqkd.export.dpu.graph.DPUGraph` meeting the DPU limits.
+      graph: a :class:`~tfqkd.dpu.graph.DPUGraph` meeting the DPU limits.
       path: destination (``quantized.h5``); written atomically (temp file + rename).
 
     Returns:
@@ -261,7 +261,7 @@ def read_quantized_h5(path):
         made of the same layer types).
 
     Returns:
-      a :class:`~tfqkd.export.dpu.graph.DPUGraph` for the emulator.
+      a :class:`~tfqkd.dpu.graph.DPUGraph` for the emulator.
 
     Raises:
       TfqkdError: unreadable file or an unsupported layer.
