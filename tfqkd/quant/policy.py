@@ -38,11 +38,13 @@ from pathlib import Path
 import yaml
 
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.quantizers import validate_bits
+from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, QActivation, weight_quantizers
+from tfqkd.quant.quantizers import TfqkdQuantizer, validate_bits
 from tfqkd.quant.targets import get_target, list_targets
 
 __all__ = [
-    "QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "check_target_policy", "list_presets", "lookalike_target",
+    "QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "check_target_policy", "layer_specs", "list_presets",
+    "lookalike_target",
     "resolve_policy",
 ]  # fmt: skip
 
@@ -304,8 +306,6 @@ class QuantPolicy:
         Returns:
           QuantPolicy with one exact-name rule per quantized layer and a float default.
         """
-        from tfqkd.quant.transform import layer_specs  # local: transform imports this module
-
         rules = tuple(
             Rule(match=name, overrides=tuple(sorted(spec.to_dict().items()))) for name, spec in layer_specs(model).items()
         )
@@ -465,3 +465,39 @@ def resolve_policy(policy):
             return QuantPolicy.from_yaml(text)
         raise TfqkdError(f"unknown quantization policy {text!r}; use a preset ({', '.join(list_presets())}), w<bits>a<bits> or a .yaml file")
     raise TfqkdError(f"cannot interpret {type(policy).__name__} as a quantization policy")
+
+
+def layer_specs(model):
+    """The per-layer QuantSpec a quantized model realises.
+
+    Args:
+      model: a model returned by :func:`tfqkd.quant.quantize` (or loaded from its file).
+
+    Returns:
+      dict layer name -> QuantSpec, in layer order.
+    """
+    specs = {}
+    for layer in model.layers:
+        pairs = weight_quantizers(layer)
+        if not pairs:
+            continue
+        weight_q = pairs[0][2]
+        bias_q = getattr(layer, "bias_quantizer_internal", None)
+        qin = _input_quantizer_layer(model, layer.name)
+        input_kind = None if qin is None else qin.quantizer.kind
+        specs[layer.name] = QuantSpec(
+            weight_bits=weight_q.bits,
+            activation_bits=None if qin is None else qin.quantizer.bits,
+            bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
+            kind=weight_q.kind,
+            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
+        )
+    return specs
+
+
+def _input_quantizer_layer(model, name):
+    try:
+        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
+    except ValueError:
+        return None
+    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None

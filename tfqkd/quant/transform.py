@@ -19,13 +19,19 @@ import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QActivation, quantized_layer_classes, weight_quantizers
-from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, check_target_policy, lookalike_target, resolve_policy
+from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, quantized_layer_classes, weight_quantizers
+from tfqkd.quant.policy import (
+    QUANTIZABLE_TYPES,
+    QuantSpec,
+    check_target_policy,
+    layer_specs,
+    lookalike_target,
+    resolve_policy,
+)
 from tfqkd.quant.quantizers import (
     AffineQuantizer,
     LearnedStepQuantizer,
     Pof2Quantizer,
-    TfqkdQuantizer,
     registered_quantizers,
 )
 from tfqkd.quant.targets import list_targets
@@ -43,7 +49,6 @@ __all__ = [
     "quantize",
 ]
 
-INPUT_QUANTIZER_SUFFIX = "_qin"
 #: Suffix of the 8-bit quantizers ``quantize(..., integer_intermediates=True)`` inserts.
 INTERMEDIATE_QUANTIZER_SUFFIX = "_q8"
 _Q_CLASS = {"Conv2D": "QConv2D", "DepthwiseConv2D": "QDepthwiseConv2D", "Dense": "QDense"}
@@ -421,39 +426,3 @@ def is_quantized(model):
     """Whether ``model`` contains tfqkd/QKeras quantized layers."""
     classes = set(quantized_layer_classes())
     return any(type(layer).__name__ in classes for layer in model.layers)
-
-
-def layer_specs(model):
-    """The per-layer QuantSpec a quantized model realises.
-
-    Args:
-      model: a model returned by :func:`quantize` (or loaded from its file).
-
-    Returns:
-      dict layer name -> QuantSpec, in layer order.
-    """
-    specs = {}
-    for layer in model.layers:
-        pairs = weight_quantizers(layer)
-        if not pairs:
-            continue
-        weight_q = pairs[0][2]
-        bias_q = getattr(layer, "bias_quantizer_internal", None)
-        qin = _input_quantizer_layer(model, layer.name)
-        input_kind = None if qin is None else qin.quantizer.kind
-        specs[layer.name] = QuantSpec(
-            weight_bits=weight_q.bits,
-            activation_bits=None if qin is None else qin.quantizer.bits,
-            bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
-            kind=weight_q.kind,
-            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
-        )
-    return specs
-
-
-def _input_quantizer_layer(model, name):
-    try:
-        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
-    except ValueError:
-        return None
-    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None
