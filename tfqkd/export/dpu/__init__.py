@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd import atomic
-from tfqkd.dpu.compat import CompatReport, check_model
-from tfqkd.dpu.emulator import DPUEmulator
-from tfqkd.dpu.graph import DPUGraph, graph_from_dpu_model
+from tfqkd import dpu as _dpu
+from tfqkd.dpu.graph import graph_from_dpu_model
 from tfqkd.dpu.layers import is_dpu_model
 from tfqkd.dpu.positions import check_limits, shifts
 from tfqkd.dpu.transform import quantize_for_dpu
@@ -47,19 +46,19 @@ __all__ = [
 ]
 
 #: Names that moved to tfqkd.dpu and are still served here, with a DeprecationWarning.
-_MOVED = {"CompatReport": CompatReport, "DPUEmulator": DPUEmulator, "DPUGraph": DPUGraph, "check_model": check_model}
+_MOVED = ("CompatReport", "DPUEmulator", "DPUGraph", "check_model")
 
 
 def __getattr__(name):
     if name in _MOVED:
         warnings.warn(f"tfqkd.export.dpu.{name} moved to tfqkd.dpu.{name}; import from there", DeprecationWarning, stacklevel=2)
-        return _MOVED[name]
+        return getattr(_dpu, name)
     raise AttributeError(f"module 'tfqkd.export.dpu' has no attribute {name!r}")
 
 
 def emulate_h5(path, x, batch_size=100):
     """Dequantized DPU outputs for inputs ``x``, computed from a ``quantized.h5`` alone."""
-    return DPUEmulator(read_quantized_h5(path)).predict_logits(np.asarray(x), batch_size)
+    return _dpu.DPUEmulator(read_quantized_h5(path)).predict_logits(np.asarray(x), batch_size)
 
 
 def _dpu_training_model(model, calibration_data):
@@ -70,7 +69,7 @@ def _dpu_training_model(model, calibration_data):
             "the model is quantized with a non-DPU policy; export its float model, or train with "
             "tfqkd.quantize(model, 'dpu') (tfqkd.dpu.quantize_for_dpu) so the DPU positions are learned"
         )
-    report = check_model(model)
+    report = _dpu.check_model(model)
     if not report.ok:
         raise TfqkdError(report.one_line())
     if calibration_data is None:
@@ -140,7 +139,7 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
         files = [h5_path] + write_bundle(staging, name, arch, evaluation)
         if evaluation is not None:
             x, y = np.asarray(evaluation[0]), np.asarray(evaluation[1]).reshape(-1)
-            emu = DPUEmulator(read_quantized_h5(h5_path)).predict(x, batch_size)
+            emu = _dpu.DPUEmulator(read_quantized_h5(h5_path)).predict(x, batch_size)
             keras_pred = np.argmax(dpu_model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
             report.update(
                 evaluation_images=int(len(x)),
