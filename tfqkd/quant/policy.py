@@ -44,8 +44,7 @@ from tfqkd.quant.targets import get_target, list_targets
 
 __all__ = [
     "QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "check_target_policy", "layer_specs", "list_presets",
-    "lookalike_target",
-    "resolve_policy",
+    "lookalike_target", "resolve_policy",
 ]  # fmt: skip
 
 #: Keras layer types whose weights and inputs are quantized.
