@@ -23,7 +23,7 @@ from pathlib import Path
 
 import tfqkd  # noqa: F401  isort: skip
 
-from tfqkd.bench.dpu_model import ARCHES, CALIBRATION, THESIS_DPU, DPUConfig, calibrate, estimate, layer_costs
+from tfqkd.dpu.performance import ARCHES, CALIBRATION, THESIS_DPU, DPUConfig, calibrate, estimate, layer_costs
 from tfqkd.bench.report import write_csv, write_json
 from tfqkd.models import create_model
 

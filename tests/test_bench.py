@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tfqkd._keras import keras
-from tfqkd.bench import dpu_model as D
+from tfqkd.dpu import performance as D
 from tfqkd.bench.command import add_bench_arguments, resolve_target, run_bench
 from tfqkd.bench.latency import Backend, Measurement, energy_per_image, summarize, sweep
 from tfqkd.bench.report import THESIS_TABLE_7_1, format_table

@@ -12,12 +12,13 @@ import tfqkd
 from tfqkd._keras import keras
 from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
-from tfqkd.export.dpu import check_model, emulate_h5, read_quantized_h5, to_dpu
-from tfqkd.export.dpu.emulator import DPUEmulator, round_shift
-from tfqkd.export.dpu.graph import graph_from_dpu_model
-from tfqkd.export.dpu.positions import check_limits, shift_bias_range
+from tfqkd.dpu import avgpool_factor, check_model, fold_batchnorm, quantize_for_dpu
+from tfqkd.dpu.arithmetic import shift_bias_range
+from tfqkd.dpu.emulator import DPUEmulator, round_shift
+from tfqkd.dpu.graph import graph_from_dpu_model
+from tfqkd.dpu.positions import check_limits
+from tfqkd.export.dpu import emulate_h5, read_quantized_h5, to_dpu
 from tfqkd.export.dpu.runner_template import quantize_images, run_threads, split_ranges
-from tfqkd.quant.dpu import avgpool_factor, fold_batchnorm, quantize_for_dpu
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -132,7 +133,10 @@ def test_quantized_h5_layout(exported):
                 continue
             assert layer["class_name"] == "Vitis>QuantizeWrapper" and name.startswith("quant_")
             inner = layer["config"]["layer"]
-            assert inner["class_name"] in ("Conv2D", "Dense", "ReLU", "Concatenate", "AveragePooling2D", "MaxPooling2D", "GlobalAveragePooling2D")
+            assert inner["class_name"] in (
+                "Conv2D", "Dense", "ReLU", "Concatenate", "Vitis>AveragePooling2D", "MaxPooling2D",
+                "Vitis>VitisGlobalAveragePooling2D",
+            )
             assert inner["config"]["name"] == name[len("quant_"):]
             qc = layer["config"]["quantize_config"]
             assert qc["class_name"] == "Vitis>VitisQuantizeConfig"
@@ -140,6 +144,13 @@ def test_quantized_h5_layout(exported):
                 for q in qc["config"][key]:
                     assert q["quantizer_type"] == "Pof2SQuantizer" and q["quantizer_params"]["bit_width"] == 8
         assert not any(l["config"]["layer"]["class_name"] in ("BatchNormalization", "Dropout") for n, l in layers.items() if n.startswith("quant_") and n != "quant_input")
+        # Vitis-AI pof2s' DPU pools (registered names of VitisAveragePooling2D / VitisGlobalAveragePooling2D),
+        # with the plain Keras config and an output quantizer
+        t_pool, gap = layers["quant_t_pool"]["config"]["layer"], layers["quant_gap"]["config"]["layer"]
+        assert t_pool["class_name"] == "Vitis>AveragePooling2D" and gap["class_name"] == "Vitis>VitisGlobalAveragePooling2D"
+        assert t_pool["config"] == json.loads(json.dumps(keras.layers.AveragePooling2D(2, 2, name="t_pool").get_config()))
+        assert set(gap["config"]) == set(keras.layers.GlobalAveragePooling2D(name="gap").get_config())
+        assert "quant_t_pool/output_0_pos:0" in names["quant_t_pool"] and "quant_gap/output_0_pos:0" in names["quant_gap"]
         assert names["quant_stem_conv"][:2] == ["stem_conv/kernel:0", "stem_conv/bias:0"]
         assert "quant_stem_conv/kernel_pos:0" in names["quant_stem_conv"] and "quant_stem_conv/bias_pos:0" in names["quant_stem_conv"]
         assert "quant_stem_relu/output_0_pos:0" in names["quant_stem_relu"]
@@ -178,6 +189,37 @@ def test_emulator_from_file_equals_memory(trained, exported, mnist):
     np.testing.assert_array_equal(from_file, from_memory)
     graph = read_quantized_h5(out / "quantized.h5")
     assert [n.name for n in graph.nodes] == [n.name for n in graph_from_dpu_model(dpu).nodes]
+
+
+def _rename_pools(src, dst, avgpool, gap):
+    """A copy of a quantized.h5 whose average pools carry other class names."""
+    dst.write_bytes(src.read_bytes())
+    with h5py.File(dst, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            inner = layer["config"].get("layer", {})
+            if inner.get("class_name") == "Vitis>AveragePooling2D":
+                inner["class_name"] = avgpool
+            elif inner.get("class_name") == "Vitis>VitisGlobalAveragePooling2D":
+                inner["class_name"] = gap
+        handle.attrs["model_config"] = json.dumps(config)
+    return dst
+
+
+def test_reader_takes_vitis_and_plain_average_pools(exported, mnist, tmp_path):
+    """The reader takes Vitis-AI's pool names (what tfqkd writes) and the plain Keras ones (its files before)."""
+    out, _ = exported
+    _, (xt, _) = mnist
+    written = read_quantized_h5(out / "quantized.h5")
+    assert [n.op for n in written.nodes if n.name in ("t_pool", "gap")] == ["avgpool", "gap"]
+    expected = emulate_h5(out / "quantized.h5", xt[:200])
+    for avgpool, gap in (("AveragePooling2D", "GlobalAveragePooling2D"), ("Vitis>VitisAveragePooling2D", "Vitis>VitisGlobalAveragePooling2D")):
+        other = _rename_pools(out / "quantized.h5", tmp_path / f"{avgpool[-20:]}.h5", avgpool, gap)
+        graph = read_quantized_h5(other)
+        assert [(n.name, n.op, n.pos) for n in graph.nodes] == [(n.name, n.op, n.pos) for n in written.nodes]
+        np.testing.assert_array_equal(emulate_h5(other, xt[:200]), expected)
+    with pytest.raises(TfqkdError, match="VitisMaxPool"):
+        read_quantized_h5(_rename_pools(out / "quantized.h5", tmp_path / "bad.h5", "Vitis>VitisMaxPool", "Vitis>VitisMaxPool"))
 
 
 def test_bundle_contents(exported):

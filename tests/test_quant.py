@@ -423,6 +423,44 @@ def test_policy_flag_turns_on_integer_intermediates():
         QuantPolicy.from_dict({"integer_intermediates": "yes"})
 
 
+def test_the_dpu_is_a_target_chosen_by_name_not_by_equal_specs(tmp_path):
+    """Issue 15: ``target: dpu`` (or the ``dpu`` preset) builds the DPU model; a policy that only
+    has the DPU's specs builds the generic power-of-two twin, and says so."""
+    from tfqkd.dpu import is_dpu_model
+
+    data = np.random.default_rng(3).random((8, 8, 8, 3)).astype("float32")
+    preset = resolve_policy("dpu")
+    assert preset.target == "dpu" and "dpu" in tfqkd.quant.list_presets()
+    assert is_dpu_model(quantize(_small_cnn(), "dpu", data))
+
+    named = tmp_path / "board.yaml"
+    named.write_text("target: dpu\n")  # another name, the target chosen explicitly
+    policy = resolve_policy(str(named))
+    assert (policy.name, policy.target, policy.default) == ("board", "dpu", preset.default)
+    assert QuantPolicy.from_dict(policy.to_dict()) == policy
+    assert is_dpu_model(quantize(_small_cnn(), str(named), data))
+
+    lookalike = tmp_path / "my_pof2.yaml"
+    lookalike.write_text("default: {weight_bits: 8, activation_bits: 8, kind: pof2}\n")
+    assert resolve_policy(str(lookalike)).default == preset.default
+    with pytest.warns(UserWarning, match="target: dpu"):
+        generic = quantize(_small_cnn(), str(lookalike), data)
+    assert not is_dpu_model(generic)
+    assert isinstance(generic.get_layer("stem_conv").kernel_quantizer_internal, Pof2Quantizer)
+    assert "bn" in {layer.name for layer in generic.layers}  # not folded: the generic twin
+
+    for bad, match in (
+        ({"target": "dpu", "rules": [{"match": "stem*", "bias_bits": 8}]}, "remove rules"),
+        ({"target": "dpu", "first_last_bits": 8}, "remove first_last_bits"),
+        ({"target": "dpu", "default": {"weight_bits": 4, "activation_bits": 4}}, "leave 'default' out"),
+        ({"target": "tpu"}, "unknown quantization target 'tpu'; known: dpu"),
+    ):
+        with pytest.raises(TfqkdError, match=match):
+            QuantPolicy.from_dict(bad)
+    with pytest.raises(TfqkdError, match="leave 'default' out"):
+        quantize(_small_cnn(), QuantPolicy(QuantSpec(4, 4), name="odd", target="dpu"))
+
+
 def _make_legacy_h5(path, qmodel, step_of=lambda step: step):
     """Rewrites a saved .h5 as tfqkd 0.1 wrote it: no 'parametrization' key, the step itself stored."""
     qmodel.save(path)
@@ -483,7 +521,7 @@ def test_saving_a_quantized_model_warns_nothing_about_serialization(tmp_path):
 
 def test_every_quantizer_states_the_grid_its_outputs_lie_on():
     """The quantizer contract: exporters read grid(), never the quantizer's class."""
-    from tfqkd.quant.dpu import DPUQuantizer
+    from tfqkd.dpu import DPUQuantizer
     from tfqkd.quant.grid import Grid
 
     rng = np.random.default_rng(7)
@@ -528,7 +566,7 @@ def test_one_list_of_quantizer_state_for_decay_and_parameter_counts():
 
 def test_a_quantizer_rebuilt_from_its_config_computes_what_its_layer_computes():
     """QKeras' tools and hls4ml rebuild a layer's quantizer from its config and call it on their own."""
-    from tfqkd.quant.dpu import DPUQuantizer
+    from tfqkd.dpu import DPUQuantizer
 
     data = np.random.default_rng(5).random((8, 8, 8, 3)).astype("float32")
     qmodel = quantize(_small_cnn(), "w4a4", data)

@@ -15,6 +15,7 @@ from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
 from tfqkd.models import create_model, list_models, register_model
 from tfqkd.quant import QuantPolicy, custom_objects, quantize
+from tfqkd import dpu  # noqa: F401  isort: skip  (registers the ``dpu`` quantization target)
 from tfqkd.training import DeadRunAlarm, WarmupMultiStep, make_sgd
 
 # 0.2: learned steps are stored as log-steps (0.1 files convert in load_model).
@@ -22,7 +23,7 @@ __version__ = "0.2.0"
 
 #: Subpackages reachable as attributes after ``import tfqkd`` (``tfqkd.export.to_tflite``), imported
 #: on first use: the exporters, benchmarks and analyses pull in TFLite and plotting.
-_SUBPACKAGES = ("analysis", "bench", "data", "distill", "export", "io", "models", "quant", "recipes", "training")
+_SUBPACKAGES = ("analysis", "bench", "data", "distill", "dpu", "export", "io", "models", "quant", "recipes", "training")
 
 
 def __getattr__(name):

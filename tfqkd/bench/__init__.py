@@ -2,7 +2,7 @@
 
 Thesis chapter 7: latency is the time of one image, throughput images per
 second, energy per image ``min(P * latency, P / throughput)`` (eq. 7.4).
-:mod:`tfqkd.bench.dpu_model` estimates DPUCZDX8G latency and throughput from
+:mod:`tfqkd.dpu.performance` estimates DPUCZDX8G latency and throughput from
 the architecture (thesis table 6.4).
 """
 

@@ -23,9 +23,12 @@ from tfqkd._keras import keras, tf
 from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
 
 __all__ = [
-    "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers", "model_quantizers",
-    "quantized_layer_classes", "weight_quantizers",
+    "INPUT_QUANTIZER_SUFFIX", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers",
+    "model_quantizers", "quantized_layer_classes", "weight_quantizers",
 ]  # fmt: skip
+
+#: Suffix of the QActivation ``quantize()`` puts in front of a layer to quantize its input.
+INPUT_QUANTIZER_SUFFIX = "_qin"
 
 
 def _resolve_quantizers(kwargs, keys=("kernel_quantizer", "bias_quantizer", "depthwise_quantizer")):

@@ -8,6 +8,7 @@ a dict or YAML and prints as a table::
     default: {weight_bits: 4, activation_bits: 4, kind: lsq}
     first_last_bits: 8          # optional: first and last layer at 8 bits
     integer_intermediates: true # optional: train for an exact int8 TFLite export
+    target: dpu                 # optional: a hardware target (then no rules), see below
     rules:
       - {match: "head_*", weight_bits: 8, activation_bits: 8}
       - {layer_type: DepthwiseConv2D, weight_bits: 8}
@@ -15,8 +16,17 @@ a dict or YAML and prints as a table::
 Rules are tried in order and the first that matches a layer wins; a rule
 that matches no layer of the model triggers a warning. Presets: ``fp32``,
 ``w8a8``, ``w4a4``, ``w4a8`` (QKD learned-step quantizers, Kim et al. 2019),
-``thesis8`` / ``thesis4`` (the thesis's affine quantizers, section 5.1.9) and
-``dpu`` (8-bit power-of-two, Vitis-AI).
+``thesis8`` / ``thesis4`` (the thesis's affine quantizers, section 5.1.9) and one per
+registered target: ``dpu`` (the Xilinx DPU, Vitis-AI pof2s; :mod:`tfqkd.dpu`).
+
+A hardware target is chosen explicitly, by the preset's name or by ``target: <name>`` in a
+policy: :func:`tfqkd.quant.quantize` then builds the target's model (for ``dpu``: BN folded,
+every tensor the DPU writes quantized). A policy that merely has the same bits and kind as a
+target (``default: {kind: pof2}``) but no ``target`` builds the generic QKeras twin with
+power-of-two quantizers, and ``quantize`` warns that it is not the DPU-exact model. A target
+fixes the quantization of every layer: ``target: dpu`` alone is a complete policy, and a
+``default`` given with it must be the target's (8-bit ``pof2``); rules, ``first_last_bits`` and
+``integer_intermediates`` are refused.
 """
 
 import dataclasses
@@ -28,9 +38,14 @@ from pathlib import Path
 import yaml
 
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.quantizers import validate_bits
+from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, QActivation, weight_quantizers
+from tfqkd.quant.quantizers import TfqkdQuantizer, validate_bits
+from tfqkd.quant.targets import get_target, list_targets
 
-__all__ = ["QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "list_presets", "resolve_policy"]
+__all__ = [
+    "QUANTIZABLE_TYPES", "QuantPolicy", "QuantSpec", "Rule", "check_target_policy", "layer_specs", "list_presets",
+    "lookalike_target", "resolve_policy",
+]  # fmt: skip
 
 #: Keras layer types whose weights and inputs are quantized.
 QUANTIZABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
@@ -180,6 +195,9 @@ class QuantPolicy:
         full-integer runtime stores (BN and global-pool inputs), so the int8
         TFLite export reproduces the trained model exactly
         (see :func:`tfqkd.quant.quantize`).
+      target: name of a hardware target (:mod:`tfqkd.quant.targets`, e.g. ``"dpu"``) whose
+        own model :func:`tfqkd.quant.quantize` builds, or None for the generic QKeras twin.
+        Chosen explicitly, never inferred from the specs.
     """
 
     default: QuantSpec | None = QuantSpec()
@@ -187,12 +205,22 @@ class QuantPolicy:
     first_last_bits: int | None = None
     name: str = "custom"
     integer_intermediates: bool = False
+    target: str | None = None
 
     def __post_init__(self):
         if self.first_last_bits is not None:
             validate_bits(self.first_last_bits, "first_last_bits")
         if not isinstance(self.integer_intermediates, bool):
             raise TfqkdError(f"integer_intermediates must be true or false, got {self.integer_intermediates!r}")
+        if self.target is not None:
+            if not isinstance(self.target, str) or not self.target:
+                raise TfqkdError(f"target must be the name of a hardware target, got {self.target!r}")
+            extras = [key for key, value in (("rules", self.rules), ("first_last_bits", self.first_last_bits),
+                                             ("integer_intermediates", self.integer_intermediates)) if value]
+            if extras:
+                raise TfqkdError(
+                    f"target {self.target!r} fixes the quantization of every layer; remove {', '.join(extras)}"
+                )
 
     @property
     def is_float(self):
@@ -207,7 +235,8 @@ class QuantPolicy:
           data: mapping with optional keys ``default`` (mapping of QuantSpec
             fields, or null for float), ``rules`` (list of mappings with
             ``match`` and/or ``layer_type`` plus QuantSpec fields),
-            ``first_last_bits``, ``integer_intermediates`` and ``name``.
+            ``first_last_bits``, ``integer_intermediates``, ``target`` and ``name``.
+            With ``target`` and no ``default``, the default is the target's spec.
           name: name used when ``data`` has none.
 
         Returns:
@@ -218,9 +247,12 @@ class QuantPolicy:
         """
         if not isinstance(data, dict):
             raise TfqkdError(f"a quantization policy must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"default", "rules", "first_last_bits", "name", "integer_intermediates"}
+        unknown = set(data) - {"default", "rules", "first_last_bits", "name", "integer_intermediates", "target"}
         if unknown:
             raise TfqkdError(f"policy: unknown key(s) {', '.join(sorted(unknown))}")
+        target = data.get("target")
+        if target is not None and "default" not in data:
+            data = {**data, "default": get_target(target).spec.to_dict()}
         default = data.get("default", {})
         if default is not None:
             if not isinstance(default, dict):
@@ -238,13 +270,17 @@ class QuantPolicy:
             match, layer_type = rule.pop("match", None), rule.pop("layer_type", None)
             _spec_from_mapping(rule, base, f"policy rule {i}")  # validates the values
             rules.append(Rule(match, layer_type, tuple(sorted(rule.items()))))
-        return cls(
+        policy = cls(
             default,
             tuple(rules),
             data.get("first_last_bits"),
             str(data.get("name", name)),
             data.get("integer_intermediates", False),
+            target,
         )
+        if target is not None:
+            check_target_policy(policy)
+        return policy
 
     @classmethod
     def from_yaml(cls, path):
@@ -269,8 +305,6 @@ class QuantPolicy:
         Returns:
           QuantPolicy with one exact-name rule per quantized layer and a float default.
         """
-        from tfqkd.quant.transform import layer_specs  # local: transform imports this module
-
         rules = tuple(
             Rule(match=name, overrides=tuple(sorted(spec.to_dict().items()))) for name, spec in layer_specs(model).items()
         )
@@ -282,6 +316,8 @@ class QuantPolicy:
             out["first_last_bits"] = self.first_last_bits
         if self.integer_intermediates:
             out["integer_intermediates"] = True
+        if self.target is not None:
+            out["target"] = self.target
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 
@@ -331,6 +367,8 @@ class QuantPolicy:
     def describe(self):
         """One line per part of the policy, for logs and ``print``."""
         lines = [f"policy {self.name}: default {self.default.short() if self.default else 'float'}"]
+        if self.target is not None:
+            lines[0] += f", target {self.target}"
         if self.first_last_bits is not None:
             lines.append(f"  first and last layer: {self.first_last_bits} bits")
         lines.extend(f"  rule {rule.to_dict()}" for rule in self.rules)
@@ -344,7 +382,6 @@ _PRESETS = {
     "w4a8": QuantPolicy(QuantSpec(4, 8), name="w4a8"),
     "thesis8": QuantPolicy(QuantSpec(8, 8, kind="affine"), name="thesis8"),
     "thesis4": QuantPolicy(QuantSpec(4, 4, kind="affine"), name="thesis4"),
-    "dpu": QuantPolicy(QuantSpec(8, 8, kind="pof2"), name="dpu"),
 }
 
 
@@ -352,9 +389,49 @@ _PRESETS = {
 _UNIFORM_LSQ = re.compile(r"w(\d{1,2})a(\d{1,2})")
 
 
+def _target_preset(name):
+    """The preset of a registered target: its spec everywhere, the target named."""
+    target = get_target(name)
+    return QuantPolicy(target.spec, name=target.name, target=target.name)
+
+
 def list_presets():
-    """Names of the built-in policies (any ``w<b>a<b>`` with 1-16 bits is accepted too)."""
-    return list(_PRESETS)
+    """Names of the built-in policies and of the registered targets (``dpu``); any ``w<b>a<b>``
+    with 1-16 bits is accepted too."""
+    return list(_PRESETS) + [name for name in list_targets() if name not in _PRESETS]
+
+
+def check_target_policy(policy):
+    """Checks that a policy naming a target is what the target computes.
+
+    Args:
+      policy: a QuantPolicy with ``target`` set.
+
+    Returns:
+      the :class:`~tfqkd.quant.targets.QuantTarget`.
+
+    Raises:
+      TfqkdError: unknown target, or a default spec other than the target's.
+    """
+    target = get_target(policy.target)
+    if policy.default != target.spec:
+        shown = policy.default.short() if policy.default is not None else "float"
+        raise TfqkdError(
+            f"policy {policy.name!r}: target {target.name!r} quantizes every layer as {target.spec.short()}, "
+            f"but the policy's default is {shown}; leave 'default' out"
+        )
+    return target
+
+
+def lookalike_target(policy):
+    """The registered target a policy without ``target`` has the same specs as, or None.
+
+    Such a policy builds the generic twin, not the target's model; :func:`tfqkd.quant.quantize`
+    warns about it.
+    """
+    if policy.target is not None or policy.rules or policy.first_last_bits is not None or policy.integer_intermediates:
+        return None
+    return next((t for t in list_targets().values() if policy.default == t.spec), None)
 
 
 def resolve_policy(policy):
@@ -378,10 +455,48 @@ def resolve_policy(policy):
         text = str(policy)
         if text in _PRESETS:
             return _PRESETS[text]
+        if text in list_targets():
+            return _target_preset(text)
         uniform = _UNIFORM_LSQ.fullmatch(text)
         if uniform:
             return QuantPolicy(QuantSpec(int(uniform[1]), int(uniform[2])), name=text)
         if text.endswith((".yaml", ".yml")):
             return QuantPolicy.from_yaml(text)
-        raise TfqkdError(f"unknown quantization policy {text!r}; use a preset ({', '.join(_PRESETS)}), w<bits>a<bits> or a .yaml file")
+        raise TfqkdError(f"unknown quantization policy {text!r}; use a preset ({', '.join(list_presets())}), w<bits>a<bits> or a .yaml file")
     raise TfqkdError(f"cannot interpret {type(policy).__name__} as a quantization policy")
+
+
+def layer_specs(model):
+    """The per-layer QuantSpec a quantized model realises.
+
+    Args:
+      model: a model returned by :func:`tfqkd.quant.quantize` (or loaded from its file).
+
+    Returns:
+      dict layer name -> QuantSpec, in layer order.
+    """
+    specs = {}
+    for layer in model.layers:
+        pairs = weight_quantizers(layer)
+        if not pairs:
+            continue
+        weight_q = pairs[0][2]
+        bias_q = getattr(layer, "bias_quantizer_internal", None)
+        qin = _input_quantizer_layer(model, layer.name)
+        input_kind = None if qin is None else qin.quantizer.kind
+        specs[layer.name] = QuantSpec(
+            weight_bits=weight_q.bits,
+            activation_bits=None if qin is None else qin.quantizer.bits,
+            bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
+            kind=weight_q.kind,
+            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
+        )
+    return specs
+
+
+def _input_quantizer_layer(model, name):
+    try:
+        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
+    except ValueError:
+        return None
+    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None

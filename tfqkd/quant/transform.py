@@ -13,20 +13,28 @@ concatenation) is copied unchanged, weights included.
 """
 
 import copy
+import warnings
 
 import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QActivation, quantized_layer_classes, weight_quantizers
-from tfqkd.quant.policy import QUANTIZABLE_TYPES, QuantSpec, resolve_policy
+from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, quantized_layer_classes, weight_quantizers
+from tfqkd.quant.policy import (
+    QUANTIZABLE_TYPES,
+    QuantSpec,
+    check_target_policy,
+    layer_specs,
+    lookalike_target,
+    resolve_policy,
+)
 from tfqkd.quant.quantizers import (
     AffineQuantizer,
     LearnedStepQuantizer,
     Pof2Quantizer,
-    TfqkdQuantizer,
     registered_quantizers,
 )
+from tfqkd.quant.targets import list_targets
 
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX",
@@ -41,7 +49,6 @@ __all__ = [
     "quantize",
 ]
 
-INPUT_QUANTIZER_SUFFIX = "_qin"
 #: Suffix of the 8-bit quantizers ``quantize(..., integer_intermediates=True)`` inserts.
 INTERMEDIATE_QUANTIZER_SUFFIX = "_q8"
 _Q_CLASS = {"Conv2D": "QConv2D", "DepthwiseConv2D": "QDepthwiseConv2D", "Dense": "QDense"}
@@ -59,13 +66,14 @@ def custom_objects():
 
     Returns:
       dict for ``keras.models.load_model(..., custom_objects=...)``: QKeras'
-      objects with the QKeras layer names mapped to the tfqkd subclasses.
+      objects with the QKeras layer names mapped to the tfqkd subclasses, every
+      registered quantizer and what the registered targets' models use
+      (:mod:`tfqkd.quant.targets`; the DPU's pooling layer).
     """
-    from tfqkd.quant.dpu import dpu_custom_objects  # local: dpu builds on this module
-
     objects = qkeras_custom_objects()
     objects.update(quantized_layer_classes())
-    objects.update(dpu_custom_objects())  # registers the DPU quantizer too
+    for target in list_targets().values():
+        objects.update(target.custom_objects())
     objects.update(registered_quantizers())
     return objects
 
@@ -249,8 +257,11 @@ def quantize(
     Args:
       model: functional or Sequential float Keras model.
       policy: preset name, YAML path, dict or QuantPolicy (see
-        :mod:`tfqkd.quant.policy`). The ``dpu`` preset builds the DPU-exact
-        model of :func:`tfqkd.quant.dpu.quantize_for_dpu` (DPU variants only).
+        :mod:`tfqkd.quant.policy`). A policy with a ``target`` (the ``dpu``
+        preset, or ``target: dpu`` in YAML) builds that target's model: for
+        the DPU, the DPU-exact model of :func:`tfqkd.dpu.quantize_for_dpu`
+        (DPU variants only). A policy without one builds the generic twin,
+        and warns when its specs equal a target's.
       calibration_data: one batch of inputs (array) or a tf.data.Dataset whose
         first batch is used; it initialises the activation intervals from the
         min-max of the float model's activations and decides which inputs are
@@ -276,11 +287,18 @@ def quantize(
       TfqkdError: bad policy, model type or calibration data.
     """
     policy = resolve_policy(policy)
-    if policy == resolve_policy("dpu"):
-        # The DPU preset is DPU-exact: BN folded, every written tensor on a power-of-two grid.
-        from tfqkd.quant.dpu import quantize_for_dpu
-
-        return quantize_for_dpu(model, calibration_data)
+    if policy.target is not None:
+        # The target is chosen explicitly and builds its own model (the DPU: BN folded, every
+        # written tensor on a power-of-two grid).
+        return check_target_policy(policy).build(model, calibration_data)
+    lookalike = lookalike_target(policy)
+    if lookalike is not None:
+        warnings.warn(
+            f"policy {policy.name!r} has the specs of target {lookalike.name!r} but does not name it: it builds "
+            f"the generic QKeras twin, not the {lookalike.name} model; add 'target: {lookalike.name}' "
+            f"(or use the {lookalike.name!r} preset) for that",
+            stacklevel=2,
+        )
     model = as_functional(model)
     layers = [(layer.name, type(layer).__name__) for layer in model.layers]
     specs = policy.resolve(layers, warn=warn_unused_rules)
@@ -408,39 +426,3 @@ def is_quantized(model):
     """Whether ``model`` contains tfqkd/QKeras quantized layers."""
     classes = set(quantized_layer_classes())
     return any(type(layer).__name__ in classes for layer in model.layers)
-
-
-def layer_specs(model):
-    """The per-layer QuantSpec a quantized model realises.
-
-    Args:
-      model: a model returned by :func:`quantize` (or loaded from its file).
-
-    Returns:
-      dict layer name -> QuantSpec, in layer order.
-    """
-    specs = {}
-    for layer in model.layers:
-        pairs = weight_quantizers(layer)
-        if not pairs:
-            continue
-        weight_q = pairs[0][2]
-        bias_q = getattr(layer, "bias_quantizer_internal", None)
-        qin = _input_quantizer_layer(model, layer.name)
-        input_kind = None if qin is None else qin.quantizer.kind
-        specs[layer.name] = QuantSpec(
-            weight_bits=weight_q.bits,
-            activation_bits=None if qin is None else qin.quantizer.bits,
-            bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
-            kind=weight_q.kind,
-            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
-        )
-    return specs
-
-
-def _input_quantizer_layer(model, name):
-    try:
-        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
-    except ValueError:
-        return None
-    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None

@@ -1,14 +1,18 @@
-"""Export to the Xilinx DPUCZDX8G: Vitis-AI TF2 quantized .h5, emulator and deploy bundle.
+"""Export to the Xilinx DPUCZDX8G: Vitis-AI TF2 quantized .h5 and deploy bundle.
 
 Thesis chapter 6. :func:`to_dpu` checks the model against the DPU
-(:mod:`.compat`), builds the DPU graph (BN folded, Dropout removed; :mod:`.graph`), takes the
-power-of-two positions from the trained DPU quantizers or calibrates them, adjusted to the DPU's
-limits (:mod:`.positions`), writes ``quantized.h5`` in the Vitis-AI format (:mod:`.vitis_h5`),
-predicts the board's accuracy with the bit-accurate emulator run from that file
-(:mod:`.emulator`) and writes the deploy bundle (:mod:`.bundle`).
+(:mod:`tfqkd.dpu.compat`), builds the DPU graph (BN folded, Dropout removed;
+:mod:`tfqkd.dpu.graph`), takes the power-of-two positions from the trained DPU quantizers or
+calibrates them, adjusted to the DPU's limits (:mod:`tfqkd.dpu.positions`), writes
+``quantized.h5`` in the Vitis-AI format (:mod:`.vitis_h5`), predicts the board's accuracy with
+the bit-accurate emulator (:mod:`tfqkd.dpu.emulator`) run from that file and writes the deploy
+bundle (:mod:`.bundle`, :mod:`.runner_template`); :mod:`.command` is ``tfqkd export --target dpu``.
 
-Train for the DPU with :func:`tfqkd.quant.dpu.quantize_for_dpu` so that the trained model *is*
-the DPU arithmetic; a float model is quantized (calibrated) here.
+Train for the DPU with ``tfqkd.quantize(model, "dpu")`` (:func:`tfqkd.dpu.quantize_for_dpu`) so
+that the trained model *is* the DPU arithmetic; a float model is quantized (calibrated) here.
+Everything about the DPU itself is in :mod:`tfqkd.dpu`; the names that used to be re-exported
+here (``check_model``, ``CompatReport``, ``DPUEmulator``, ``DPUGraph``) still are, with a
+DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -16,25 +20,24 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from tfqkd import atomic
+from tfqkd import dpu as _dpu
+from tfqkd.dpu.graph import graph_from_dpu_model
+from tfqkd.dpu.layers import is_dpu_model
+from tfqkd.dpu.positions import check_limits, shifts
+from tfqkd.dpu.transform import quantize_for_dpu
 from tfqkd.errors import TfqkdError
 from tfqkd.export.dpu.bundle import ARCHS, compile_command, write_bundle
-from tfqkd.export.dpu.compat import CompatReport, check_model
-from tfqkd.export.dpu.emulator import DPUEmulator
-from tfqkd.export.dpu.graph import DPUGraph, graph_from_dpu_model
-from tfqkd.export.dpu.positions import check_limits, shifts
 from tfqkd.export.dpu.vitis_h5 import read_quantized_h5, write_quantized_h5
+from tfqkd.quant.transform import is_quantized
 
 __all__ = [
     "ARCHS",
-    "CompatReport",
-    "DPUEmulator",
-    "DPUGraph",
-    "check_model",
     "compile_command",
     "emulate_h5",
     "read_quantized_h5",
@@ -42,24 +45,31 @@ __all__ = [
     "write_quantized_h5",
 ]
 
+#: Names that moved to tfqkd.dpu and are still served here, with a DeprecationWarning.
+_MOVED = ("CompatReport", "DPUEmulator", "DPUGraph", "check_model")
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        warnings.warn(f"tfqkd.export.dpu.{name} moved to tfqkd.dpu.{name}; import from there", DeprecationWarning, stacklevel=2)
+        return getattr(_dpu, name)
+    raise AttributeError(f"module 'tfqkd.export.dpu' has no attribute {name!r}")
+
 
 def emulate_h5(path, x, batch_size=100):
     """Dequantized DPU outputs for inputs ``x``, computed from a ``quantized.h5`` alone."""
-    return DPUEmulator(read_quantized_h5(path)).predict_logits(np.asarray(x), batch_size)
+    return _dpu.DPUEmulator(read_quantized_h5(path)).predict_logits(np.asarray(x), batch_size)
 
 
 def _dpu_training_model(model, calibration_data):
-    from tfqkd.quant.dpu import is_dpu_model, quantize_for_dpu
-    from tfqkd.quant.transform import is_quantized
-
     if is_dpu_model(model):
         return model, "trained"
     if is_quantized(model):
         raise TfqkdError(
             "the model is quantized with a non-DPU policy; export its float model, or train with "
-            "tfqkd.quant.dpu.quantize_for_dpu() so the DPU positions are learned"
+            "tfqkd.quantize(model, 'dpu') (tfqkd.dpu.quantize_for_dpu) so the DPU positions are learned"
         )
-    report = check_model(model)
+    report = _dpu.check_model(model)
     if not report.ok:
         raise TfqkdError(report.one_line())
     if calibration_data is None:
@@ -84,7 +94,7 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
     """Exports a model for the DPUCZDX8G: quantized.h5, emulator report and deploy bundle.
 
     Args:
-      model: a DPU training model from :func:`tfqkd.quant.dpu.quantize_for_dpu` (its trained
+      model: a DPU training model from :func:`tfqkd.dpu.quantize_for_dpu` (its trained
         positions are used) or a float Keras model (quantized and calibrated here).
       out_dir: output directory; created, or files replaced inside it. Nothing is written when
         the model is not DPU-compatible or anything fails.
@@ -129,7 +139,7 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
         files = [h5_path] + write_bundle(staging, name, arch, evaluation)
         if evaluation is not None:
             x, y = np.asarray(evaluation[0]), np.asarray(evaluation[1]).reshape(-1)
-            emu = DPUEmulator(read_quantized_h5(h5_path)).predict(x, batch_size)
+            emu = _dpu.DPUEmulator(read_quantized_h5(h5_path)).predict(x, batch_size)
             keras_pred = np.argmax(dpu_model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
             report.update(
                 evaluation_images=int(len(x)),

@@ -12,7 +12,10 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import numpy as np
+
 from tfqkd.errors import TfqkdError
+from tfqkd.export.dpu import runner_template
 
 __all__ = ["ARCHS", "compile_command", "write_bundle"]
 
@@ -82,10 +85,6 @@ def write_bundle(out_dir, name, arch="zcu102", evaluation=None):
     Returns:
       list of the Paths written.
     """
-    import numpy as np
-
-    from tfqkd.export.dpu import runner_template
-
     out_dir = Path(out_dir)
     written = []
     for board in ARCHS:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 
+from tfqkd.data import calibration_batch, load_arrays
 from tfqkd.errors import TfqkdError
+from tfqkd.export.dpu import to_dpu
+from tfqkd.io import load_model
 
 __all__ = ["add_dpu_arguments", "run_dpu_export"]
 
@@ -46,11 +49,6 @@ def run_dpu_export(args):
     Returns:
       0 (errors raise :class:`~tfqkd.errors.TfqkdError`).
     """
-    import tfqkd.quant.dpu  # noqa: F401  registers the DPU quantizer and pooling for loading
-    from tfqkd.data import calibration_batch, load_arrays
-    from tfqkd.export.dpu import to_dpu
-    from tfqkd.io import load_model
-
     model = load_model(args.model, unsafe=bool(getattr(args, "unsafe", False)))
     calibration = None
     if args.calibration_data:

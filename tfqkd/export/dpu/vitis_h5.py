@@ -20,6 +20,18 @@ The layout is what ``vai_q_tensorflow2`` saves after quantization and what
   or ``Vitis>NoQuantizeActivation`` when a ReLU layer follows (``ConvActivationQuantize``);
 * ``layers/vitis_quantize.py``: the input is a ``Vitis>VitisQuantize`` layer ``quant_<input>``
   whose quantizer is built under its own name (``quant_<input>_pos``);
+* ``layers/vitis_pooling.py`` and ``vitis_pof2s_quantize_transforms.py``
+  (``ConvertAveragePooling2DToDpuVersion``, ``ConvertGlobalAveragePooling2DToDpuVersion``): the
+  pof2s strategy replaces average pools by the DPU's versions, which multiply Keras' mean by
+  ``k*k * num / 2**shift`` so that it is the DPU's ``sum * num / 2**shift``
+  (:func:`tfqkd.dpu.arithmetic.avgpool_factor`). They keep the Keras config (the factor follows
+  from the class and the window; an extra config key would break Vitis' ``from_config``) and are
+  registered as ``Vitis>AveragePooling2D`` (``register_keras_serializable(package='Vitis',
+  name='AveragePooling2D')``: the class ``VitisAveragePooling2D`` saves under that name) and
+  ``Vitis>VitisGlobalAveragePooling2D``; the pof2s pattern transforms match them by these
+  names, and the registry wraps them with an output quantizer. tfqkd writes these names;
+  the reader also takes the plain Keras names (tfqkd's files before) and
+  ``Vitis>VitisAveragePooling2D``;
 * ``quantize_strategy/pof2s/vitis_pof2s_quantize_strategy.json``: 8-bit, weights
   ``method 1, round_mode 0`` (half even), activations ``method 1, round_mode 1`` (half up),
   input ``method 0, round_mode 1``.
@@ -42,7 +54,7 @@ import h5py
 import numpy as np
 
 from tfqkd.errors import TfqkdError
-from tfqkd.export.dpu.graph import WEIGHTED_OPS, DPUGraph, DPUNode
+from tfqkd.dpu.graph import WEIGHTED_OPS, DPUGraph, DPUNode
 
 __all__ = ["QUANTIZE_MODE", "read_quantized_h5", "write_quantized_h5"]
 
@@ -64,13 +76,21 @@ def _pof2s(method, round_mode):
 _WEIGHT_Q = _pof2s(1, 0)
 _ACT_Q = _pof2s(1, 1)
 _INPUT_Q = _pof2s(0, 1)
+#: The class names written for the inner layers (the pools: Vitis-AI's DPU versions).
 _KERAS_CLASS = {
-    "conv2d": "Conv2D", "depthwise_conv2d": "DepthwiseConv2D", "dense": "Dense", "avgpool": "AveragePooling2D",
-    "gap": "GlobalAveragePooling2D", "maxpool": "MaxPooling2D", "concat": "Concatenate", "add": "Add",
-    "multiply": "Multiply", "flatten": "Flatten", "reshape": "Reshape", "zeropad": "ZeroPadding2D",
-    "upsampling": "UpSampling2D", "softmax": "Softmax",
+    "conv2d": "Conv2D", "depthwise_conv2d": "DepthwiseConv2D", "dense": "Dense",
+    "avgpool": "Vitis>AveragePooling2D", "gap": "Vitis>VitisGlobalAveragePooling2D", "maxpool": "MaxPooling2D",
+    "concat": "Concatenate", "add": "Add", "multiply": "Multiply", "flatten": "Flatten", "reshape": "Reshape",
+    "zeropad": "ZeroPadding2D", "upsampling": "UpSampling2D", "softmax": "Softmax",
 }  # fmt: skip
-_OP_OF = {v: k for k, v in _KERAS_CLASS.items()}
+#: Every inner class name the reader takes: the written ones, the plain Keras pools (tfqkd's
+#: files before it wrote Vitis' names) and the Python class name of Vitis' average pool.
+_OP_OF = {
+    **{v: k for k, v in _KERAS_CLASS.items()},
+    "AveragePooling2D": "avgpool",
+    "Vitis>VitisAveragePooling2D": "avgpool",
+    "GlobalAveragePooling2D": "gap",
+}
 _ACT_CLASS = {"relu": "ReLU", "relu6": "ReLU", "leaky_relu": "LeakyReLU"}
 _NO_OUTPUT_QUANT = ("flatten", "reshape", "zeropad", "softmax")
 
@@ -197,7 +217,7 @@ def write_quantized_h5(graph, path):
     """Writes a positioned DPU graph as a Vitis-AI TF2 quantized Keras HDF5 model.
 
     Args:
-      graph: a :class:`~tfqkd.export.dpu.graph.DPUGraph` meeting the DPU limits.
+      graph: a :class:`~tfqkd.dpu.graph.DPUGraph` meeting the DPU limits.
       path: destination (``quantized.h5``); written atomically (temp file + rename).
 
     Returns:
@@ -261,7 +281,7 @@ def read_quantized_h5(path):
         made of the same layer types).
 
     Returns:
-      a :class:`~tfqkd.export.dpu.graph.DPUGraph` for the emulator.
+      a :class:`~tfqkd.dpu.graph.DPUGraph` for the emulator.
 
     Raises:
       TfqkdError: unreadable file or an unsupported layer.
