@@ -15,7 +15,7 @@ from tfqkd.dpu.arithmetic import QMAX, QMIN, avgpool_factor, non_overflow_pos
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.grid import Grid
 from tfqkd.quant.layers import QActivation, weight_quantizers
-from tfqkd.quant.quantizers import TfqkdQuantizer, register_quantizer, round_half_up, round_ste
+from tfqkd.quant.quantizers import TfqkdQuantizer, power_of_two_fake_quant, register_quantizer
 
 __all__ = [
     "DPUAveragePooling2D",
@@ -28,10 +28,6 @@ __all__ = [
 
 #: Suffix of the QActivation layers quantizing what the DPU writes to memory.
 OUTPUT_QUANTIZER_SUFFIX = "_dpuq"
-
-
-def _round_half_up_ste(x):
-    return x + tf.stop_gradient(round_half_up(x) - x)
 
 
 @register_quantizer
@@ -82,9 +78,7 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         if self.bypass:
             return x
         pos = tf.stop_gradient(tf.cast(self.pos[0], x.dtype))
-        scaled = x * tf.pow(tf.constant(2.0, x.dtype), pos)
-        rounded = round_ste(scaled) if self.rounding == "even" else _round_half_up_ste(scaled)
-        return tf.clip_by_value(rounded, float(QMIN), float(QMAX)) * tf.pow(tf.constant(2.0, x.dtype), -pos)
+        return power_of_two_fake_quant(x, pos, QMIN, QMAX, half_up=self.rounding == "half_up")
 
     def initialize(self, values, method="minmax"):
         """Sets the position so that ``max|values|`` does not overflow (Vitis ``method`` 0)."""

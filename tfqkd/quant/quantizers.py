@@ -38,6 +38,7 @@ __all__ = [
     "Pof2Quantizer",
     "TfqkdQuantizer",
     "get_quantizer",
+    "power_of_two_fake_quant",
     "quantizer_state_suffixes",
     "register_quantizer",
     "registered_quantizers",
@@ -298,6 +299,20 @@ _fused_affine_fake_quant = tf.function(_affine_fake_quant, **_XLA)
 _fused_affine_input_gradient = tf.function(_affine_input_gradient, **_XLA)
 _fused_pof2_fake_quant = tf.function(_pof2_fake_quant, **_XLA)
 _fused_pof2_input_gradient = tf.function(_pof2_input_gradient, **_XLA)
+
+
+def power_of_two_fake_quant(x, pos, qmin, qmax, half_up):
+    """``clip(round(x * 2**pos), qmin, qmax) * 2**-pos`` with a straight-through gradient.
+
+    Args:
+      x: the tensor.
+      pos: the position (a scalar tensor, no gradient).
+      qmin, qmax: the integer code range (ints).
+      half_up: round half up (``floor(v + 0.5)``, the DPU's activations) instead of half to even.
+    """
+    two = tf.constant(2.0, x.dtype)
+    qmin, qmax = (tf.constant(float(v), x.dtype) for v in (qmin, qmax))
+    return _pof2_straight_through(x, tf.pow(two, pos), tf.pow(two, -pos), qmin, qmax, tf.constant(bool(half_up)))
 
 
 # Autodiff through an XLA function costs more than the plain ops: these state the
@@ -708,9 +723,7 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
         pos = tf.stop_gradient(tf.cast(self.position_for(self._absmax(x, training)), x.dtype))
-        qmin, qmax = (tf.constant(float(v), x.dtype) for v in (self.qmin, self.qmax))
-        half_up = tf.constant(self.rounding == "half_up")
-        return _pof2_straight_through(x, tf.pow(2.0, pos), tf.pow(2.0, -pos), qmin, qmax, half_up)
+        return power_of_two_fake_quant(x, pos, self.qmin, self.qmax, half_up=self.rounding == "half_up")
 
     def initialize(self, values, method="minmax"):
         """Seeds the running maximum from sample values (no-op for weights)."""
