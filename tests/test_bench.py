@@ -10,7 +10,7 @@ from tfqkd.dpu import performance as D
 from tfqkd.bench.command import add_bench_arguments, resolve_target, run_bench
 from tfqkd.bench.latency import Backend, Measurement, energy_per_image, summarize, sweep
 from tfqkd.bench.report import THESIS_TABLE_7_1, format_table
-from tfqkd.cli import ArgumentParser
+from tfqkd.console import ArgumentParser
 from tfqkd.errors import TfqkdError
 
 

@@ -186,6 +186,17 @@ def test_lower_layers_do_not_import_upper_layers():
     assert offending == []
 
 
+def test_only_the_command_line_imports_the_command_line():
+    """Recipes and the subcommands' modules share :mod:`tfqkd.console`; ``tfqkd.cli`` sits on top of them."""
+    offending = [
+        f"{name}:{line} -> {target}"
+        for name, found in IMPORTS.items()
+        for target, _, line in found
+        if target == "tfqkd.cli" and name != "tfqkd.cli"
+    ]
+    assert offending == []
+
+
 def test_no_imports_inside_functions_in_the_dpu_and_quant_packages():
     local = [
         f"{name}:{line} -> {target}"

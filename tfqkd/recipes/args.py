@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfqkd import atomic
-from tfqkd.cli import ArgumentParser
+from tfqkd.console import ArgumentParser
 from tfqkd.errors import TfqkdError
 from tfqkd.recipes.config import budget_config, load_config, merge, show, validate_config
 from tfqkd.training.distribute import STRATEGIES

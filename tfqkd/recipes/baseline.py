@@ -7,10 +7,9 @@ reports train and test top-1.
 
 import sys
 
-from tfqkd.cli import run_cli
+from tfqkd.console import run_cli
 from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.qkd import train_baseline
-from tfqkd.recipes.runner import require_file, write_results
+from tfqkd.recipes.runner import require_file, train_baseline, write_results
 
 __all__ = ["main"]
 

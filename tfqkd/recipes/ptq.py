@@ -8,11 +8,10 @@ reports the accuracy before and after.
 
 import sys
 
-from tfqkd.cli import run_cli
+from tfqkd.console import run_cli
 from tfqkd.quant import quantize, resolve_policy
 from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.qkd import train_baseline
-from tfqkd.recipes.runner import require_file, write_results
+from tfqkd.recipes.runner import require_file, train_baseline, write_results
 
 __all__ = ["main"]
 

@@ -30,40 +30,12 @@ uses the training images only, never the test set.
 import sys
 import time
 
-from tfqkd.cli import run_cli
+from tfqkd.console import run_cli
 from tfqkd.quant import quantize, resolve_policy
 from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.runner import Run, copy_model, require_file, write_results
+from tfqkd.recipes.runner import Run, copy_model, require_file, train_baseline, write_results
 
-__all__ = ["main", "train_baseline"]
-
-
-def train_baseline(run, role, reuse_path=None, unsafe=False):
-    """The trained float ``role`` ("teacher"/"student"): reused or trained (baseline stage).
-
-    Args:
-      run: the Run.
-      role: "teacher" or "student".
-      reuse_path: a trained model file to use instead of training.
-      unsafe: allow Lambda layers in ``reuse_path``.
-
-    Returns:
-      the float keras.Model.
-    """
-    from tfqkd.io import load_model
-
-    name = f"{role}_fp"
-    if reuse_path is not None and not (run.resume and run.model_path(name).exists()):
-        run.log(f"using trained {role} {reuse_path}")
-        model = load_model(reuse_path, unsafe=unsafe)
-        run.save_model(model, name)
-        return model
-    model = run.load_stage(name)
-    if model is None:
-        model = run.new_model(role)
-        run.train(name, f"{role}_baseline", model, phase="ss")
-        run.save_model(model, name)
-    return model
+__all__ = ["main", "run_qkd"]
 
 
 def _stage(run, name, build):

@@ -44,7 +44,7 @@ from tfqkd.training.checkpoint import EpochCheckpoint, clean_temporary, latest_c
 from tfqkd.training.distribute import is_chief, shard_by_data, worker_count
 from tfqkd.plotting import pyplot, save_figure
 
-__all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "write_results"]
+__all__ = ["Run", "copy_model", "evaluate_top1", "save_model_atomic", "train_baseline", "write_results"]
 
 # Quantizer steps and ranges are excluded from weight decay: decaying a step
 # shrinks the quantization interval, which is not a regulariser.
@@ -368,3 +368,29 @@ def require_file(path, what):
     """Raises a one-line error if ``path`` is not an existing file."""
     if path is not None and not Path(path).is_file():
         raise TfqkdError(f"{what} not found: {path}")
+
+
+def train_baseline(run, role, reuse_path=None, unsafe=False):
+    """The trained float ``role`` ("teacher"/"student"): reused or trained (baseline stage).
+
+    Args:
+      run: the Run.
+      role: "teacher" or "student".
+      reuse_path: a trained model file to use instead of training.
+      unsafe: allow Lambda layers in ``reuse_path``.
+
+    Returns:
+      the float keras.Model.
+    """
+    name = f"{role}_fp"
+    if reuse_path is not None and not (run.resume and run.model_path(name).exists()):
+        run.log(f"using trained {role} {reuse_path}")
+        model = load_model(reuse_path, unsafe=unsafe)
+        run.save_model(model, name)
+        return model
+    model = run.load_stage(name)
+    if model is None:
+        model = run.new_model(role)
+        run.train(name, f"{role}_baseline", model, phase="ss")
+        run.save_model(model, name)
+    return model
