@@ -43,6 +43,8 @@ def add_tflite_arguments(parser):
     hls = parser.add_argument_group("hls4ml (--target hls4ml)")
     hls.add_argument("--backend", default="Vitis", help="hls4ml backend: Vitis, Vivado, Catapult, oneAPI")
     hls.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
+    hls.add_argument("--default-precision", default=None,
+                     help="precision of what no quantizer fixes (BN, additions, pooling); default ap_fixed<32,16>")  # fmt: skip
     group = parser.add_argument_group("TFLite (--target tflite)")
     group.add_argument(
         "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
@@ -164,7 +166,8 @@ def run_hls4ml_export(args):
     model = load_model(model_path, unsafe=args.unsafe)
     x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
     print(f"[tfqkd] hls4ml {args.backend} project ({args.io_type}) of {model_path}: {project}", flush=True)
-    result = to_hls4ml(model, project, backend=args.backend, io_type=args.io_type, evaluation=x)
+    precision = {"default_precision": args.default_precision} if args.default_precision else {}
+    result = to_hls4ml(model, project, backend=args.backend, io_type=args.io_type, evaluation=x, **precision)
     _print_check(f"C++ emulation (compiled in {result['compile_seconds']:.0f} s)", result, dataset,
                  project / "hls4ml_report.json")  # fmt: skip
     return 0
