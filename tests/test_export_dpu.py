@@ -41,13 +41,8 @@ def _small_dpu_style(name="small_dpu"):
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    return load_arrays("mnist5k", "train"), load_arrays("mnist5k", "test")
-
-
-@pytest.fixture(scope="module")
-def trained(mnist):
-    (x, y), _ = mnist
+def trained(mnist5k):
+    x, y, _, _ = mnist5k
     keras.utils.set_random_seed(0)
     model = _small_dpu_style()
     model.compile(keras.optimizers.Adam(3e-3), LOSS)
@@ -59,9 +54,9 @@ def trained(mnist):
 
 
 @pytest.fixture(scope="module")
-def exported(trained, mnist, tmp_path_factory):
+def exported(trained, mnist5k, tmp_path_factory):
     _, dpu = trained
-    _, (xt, yt) = mnist
+    _, _, xt, yt = mnist5k
     out = tmp_path_factory.mktemp("dpu") / "bundle"
     start = time.perf_counter()
     report = to_dpu(dpu, out, evaluation=(xt, yt))
@@ -101,9 +96,9 @@ def test_dpu_model_trains_and_keeps_structure(trained):
     assert dpu.evaluate(*load_arrays("mnist5k", "test"), verbose=0)[1] > 0.6
 
 
-def test_emulator_agrees_with_keras_fake_quant(trained, exported, mnist):
+def test_emulator_agrees_with_keras_fake_quant(trained, exported, mnist5k):
     _, dpu = trained
-    _, (xt, yt) = mnist
+    _, _, xt, yt = mnist5k
     _, report = exported
     print(f"small DPU model: emulator {report['emulator_accuracy']:.4f}, keras {report['keras_accuracy']:.4f}, "
           f"agreement {report['agreement']:.4f}, export+emulation {report['seconds']:.1f}s")
@@ -180,9 +175,9 @@ def test_quantized_h5_layout(exported):
         assert 0 <= shift_cut <= 16 and low <= shift_bias <= high, conv
 
 
-def test_emulator_from_file_equals_memory(trained, exported, mnist):
+def test_emulator_from_file_equals_memory(trained, exported, mnist5k):
     _, dpu = trained
-    _, (xt, _) = mnist
+    _, _, xt, _ = mnist5k
     out, _ = exported
     from_file = emulate_h5(out / "quantized.h5", xt[:300])
     from_memory = DPUEmulator(graph_from_dpu_model(dpu)).predict_logits(xt[:300])
@@ -206,10 +201,10 @@ def _rename_pools(src, dst, avgpool, gap):
     return dst
 
 
-def test_reader_takes_vitis_and_plain_average_pools(exported, mnist, tmp_path):
+def test_reader_takes_vitis_and_plain_average_pools(exported, mnist5k, tmp_path):
     """The reader takes Vitis-AI's pool names (what tfqkd writes) and the plain Keras ones (its files before)."""
     out, _ = exported
-    _, (xt, _) = mnist
+    _, _, xt, _ = mnist5k
     written = read_quantized_h5(out / "quantized.h5")
     assert [n.op for n in written.nodes if n.name in ("t_pool", "gap")] == ["avgpool", "gap"]
     expected = emulate_h5(out / "quantized.h5", xt[:200])
@@ -235,9 +230,9 @@ def test_bundle_contents(exported):
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no staging left over
 
 
-def test_float_model_is_calibrated(trained, mnist, tmp_path):
+def test_float_model_is_calibrated(trained, mnist5k, tmp_path):
     model, _ = trained
-    (x, _), (xt, yt) = mnist
+    x, _, xt, yt = mnist5k
     report = to_dpu(model, tmp_path / "f", calibration_data=x[:256], arch="zcu104", evaluation=(xt[:200], yt[:200]))
     assert report["positions_from"] == "calibrated" and report["agreement"] >= 0.99
     with pytest.raises(TfqkdError, match="calibration_data"):
@@ -351,9 +346,9 @@ def test_runner_split_and_threads():
 
 
 @pytest.mark.slow
-def test_densenet21_dpu_emulator_agreement(tmp_path, mnist):
+def test_densenet21_dpu_emulator_agreement(tmp_path, mnist5k):
     """densenet21_dpu, trained briefly with the DPU policy on mnist5k: agreement >= 99.5 %."""
-    (x, y), (xt, yt) = mnist
+    x, y, xt, yt = mnist5k
     keras.utils.set_random_seed(0)
     model = tfqkd.create_model("densenet21_dpu", num_classes=10, input_shape=(28, 28, 1))
     model.compile(keras.optimizers.Adam(2e-3), LOSS)

@@ -167,28 +167,11 @@ def test_single_process_strategies_are_chief():
     assert is_chief(make_strategy("default"))
 
 
-_BASELINE = """\
-dataset: digits
-student: dnn30
-teacher: kl_mlp_teacher
-quant: w8a8
-batch_size: 32
-train_limit: 256
-eval_train_limit: 256
-stages:
-  teacher_baseline: {epochs: 1, lr: 0.05}
-  student_baseline: {epochs: 2, lr: 0.05}
-  ss: {epochs: 1, lr: 0.01}
-  cs: {epochs: 1, lr: 0.01}
-  ts: {epochs: 1, lr: 0.01}
-"""
-
-
-def test_recipe_runs_under_mirrored_strategy_and_records_it(tmp_path, capsys):
+def test_recipe_runs_under_mirrored_strategy_and_records_it(tmp_path, capsys, write_recipe):
     from tfqkd.recipes import baseline
 
-    config = tmp_path / "baseline.yaml"
-    config.write_text(_BASELINE)
+    config = write_recipe(tmp_path / "baseline.yaml", student="dnn30", quant="w8a8", batch_size=32,
+                          stages={"student_baseline": {"epochs": 2, "lr": 0.05}})  # fmt: skip
     run_dir = tmp_path / "run"
     assert baseline.main(["--config", str(config), "--run-dir", str(run_dir), "--strategy", "mirrored"]) == 0
     assert "Traceback" not in capsys.readouterr().err

@@ -21,27 +21,6 @@ STAGE_MODELS = (
 
 _TF_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] )")
 
-TINY = """\
-name: tiny
-dataset: digits
-student: kl_mlp_student
-teacher: kl_mlp_teacher
-quant: w4a4
-seed: 0
-batch_size: 64
-alpha: 0.7
-temperature: 4.0
-train_limit: 256
-eval_train_limit: 256
-stages:
-  teacher_baseline: {epochs: 1, lr: 0.05}
-  student_baseline: {epochs: 1, lr: 0.05}
-  ss: {epochs: 1, lr: 0.01}
-  cs: {epochs: 1, lr: 0.01}
-  ts: {epochs: 1, lr: 0.01}
-"""
-
-
 def _run(module, argv):
     """Runs ``module.main(argv)`` in process; returns (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -54,10 +33,8 @@ def _run(module, argv):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+def tiny_config(tmp_path_factory, write_recipe):
+    return write_recipe(tmp_path_factory.mktemp("config") / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -342,22 +342,10 @@ def test_no_evaluator_in_the_package():
 
 # The guard in the recipes ---------------------------------------------------------------------
 
-_LR_1E6 = """\
-dataset: digits
-student: kl_mlp_student
-teacher: kl_mlp_teacher
-quant: w4a4
-batch_size: 16
-train_limit: 256
-eval_train_limit: 256
-stages:
-  teacher_baseline: {epochs: 1, lr: 0.05}
-  student_baseline: {epochs: 1, lr: 0.05}
-  # Epoch 1 at 0.01; the milestone "divides" by 1e-8: a learning rate of 1e6 from epoch 2.
-  ss: {epochs: 4, lr: 0.01, milestones: [1], factor: 1.0e-8}
-  cs: {epochs: 1, lr: 0.01}
-  ts: {epochs: 1, lr: 0.01}
-"""
+def _lr_1e6(write_recipe, path, **fields):
+    """Epoch 1 of SS at 0.01; the milestone "divides" by 1e-8: a learning rate of 1e6 from epoch 2."""
+    ss = {"epochs": 4, "lr": 0.01, "milestones": [1], "factor": 1.0e-8}
+    return write_recipe(path, batch_size=16, stages={"ss": ss}, **fields)
 
 
 def _runner_has_guard():
@@ -369,11 +357,10 @@ def _runner_has_guard():
 
 
 @pytest.mark.skipif(not _runner_has_guard(), reason="tfqkd.recipes.runner does not install the DivergenceGuard yet")
-def test_recipe_with_learning_rate_1e6_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, capsys):
+def test_recipe_with_learning_rate_1e6_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, capsys, write_recipe):
     import tfqkd.recipes.qkd as qkd
 
-    config = tmp_path / "lr1e6.yaml"
-    config.write_text(_LR_1E6)
+    config = _lr_1e6(write_recipe, tmp_path / "lr1e6.yaml")
     run_dir = tmp_path / "run"
     assert qkd.main(["--config", str(config), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
@@ -452,7 +439,7 @@ def test_is_dead_epoch_rules():
         tfqkd.training.DeadRunAlarm(num_classes=1)
 
 
-def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch):
+def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch, write_recipe):
     import dataclasses
 
     import tfqkd.recipes.qkd as qkd
@@ -460,8 +447,7 @@ def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch):
 
     dead = dataclasses.replace(registry._REGISTRY["kl_mlp_student"], name="test_dead_mlp", builder=_dead_mlp)
     monkeypatch.setitem(registry._REGISTRY, "test_dead_mlp", dead)
-    config = tmp_path / "dead.yaml"
-    config.write_text(_LR_1E6.replace("student: kl_mlp_student", "student: test_dead_mlp"))
+    config = _lr_1e6(write_recipe, tmp_path / "dead.yaml", student="test_dead_mlp")
     run_dir = tmp_path / "run"
     assert qkd.main(["--config", str(config), "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
@@ -472,11 +458,10 @@ def test_recipe_stops_a_dead_stage_with_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("run_dir", ["/proc/tfqkd-nope", "/proc/tfqkd-nope/deeper", "/sys/tfqkd-nope"])
-def test_unwritable_run_directory_is_one_line_before_training(tmp_path, capsys, run_dir):
+def test_unwritable_run_directory_is_one_line_before_training(tmp_path, capsys, run_dir, write_recipe):
     import tfqkd.recipes.qkd as qkd
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(_LR_1E6)
+    config = _lr_1e6(write_recipe, tmp_path / "tiny.yaml")
     assert qkd.main(["--config", str(config), "--run-dir", run_dir]) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]

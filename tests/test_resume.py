@@ -35,26 +35,17 @@ from tfqkd.training.checkpoint import (
     write_checkpoint,
 )
 
-# Tiny but complete QKD pipeline (6 stages, 13 epochs): ~25 s uninterrupted on 2 CPU cores.
-TINY = """\
-name: tiny-resume
-dataset: digits
-student: kl_mlp_student
-teacher: kl_mlp_teacher
-quant: w4a4
-seed: 3
-batch_size: 32
-alpha: 0.7
-temperature: 4.0
-train_limit: 512
-eval_train_limit: 256
-stages:
-  teacher_baseline: {epochs: 2, lr: 0.05, warmup: 1}
-  student_baseline: {epochs: 2, lr: 0.05, milestones: [1]}
-  ss: {epochs: 2, lr: 0.01}
-  cs: {epochs: 3, lr: 0.01, milestones: [2]}
-  ts: {epochs: 2, lr: 0.01}
-"""
+#: The shared tiny recipe (conftest), with more epochs, a warm-up and milestones to resume across.
+TINY_RESUME = dict(
+    name="tiny-resume", seed=3, batch_size=32, train_limit=512,
+    stages={
+        "teacher_baseline": {"epochs": 2, "lr": 0.05, "warmup": 1},
+        "student_baseline": {"epochs": 2, "lr": 0.05, "milestones": [1]},
+        "ss": {"epochs": 2, "lr": 0.01},
+        "cs": {"epochs": 3, "lr": 0.01, "milestones": [2]},
+        "ts": {"epochs": 2, "lr": 0.01},
+    },
+)  # fmt: skip
 
 _TF_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] )")
 
@@ -76,10 +67,9 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("resume-config") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+def config_file(tmp_path_factory, write_recipe):
+    """A tiny but complete QKD pipeline (6 stages, 13 epochs): ~25 s uninterrupted on 2 CPU cores."""
+    return write_recipe(tmp_path_factory.mktemp("resume-config") / "tiny.yaml", **TINY_RESUME)
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +220,10 @@ def test_resume_refuses_bad_run_directories_with_one_line(argv, message, config_
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
 
 
-def test_resume_refuses_a_run_of_another_recipe(tmp_path, capsys):
+def test_resume_refuses_a_run_of_another_recipe(tmp_path, capsys, write_recipe):
     from tfqkd.recipes import baseline
 
-    (tmp_path / "config.yaml").write_text(TINY)
+    write_recipe(tmp_path / "config.yaml", **TINY_RESUME)
     (tmp_path / "runtime.json").write_text(json.dumps({"recipe": "qkd"}))
     assert baseline.main(["--resume", str(tmp_path)]) == 2
     assert "is a run of recipe 'qkd', not 'baseline'" in capsys.readouterr().err

@@ -1,17 +1,8 @@
 """No dead runs: short quantized trainings from scratch, as a new user writes them (issue 13)."""
 
 import numpy as np
-import pytest
 
 from tfqkd.bench.robustness import OPTIMIZERS, is_dead_run, train_run
-from tfqkd.data import load_arrays
-
-
-@pytest.fixture(scope="module")
-def mnist5k():
-    x_train, y_train = load_arrays("mnist5k", "train")
-    x_test, y_test = load_arrays("mnist5k", "test")
-    return x_train, y_train, x_test, y_test
 
 
 def test_32_short_w8a8_and_w4a4_mlp_runs_with_adam_and_sgd_none_dead(mnist5k):
