@@ -24,7 +24,8 @@ from pathlib import Path
 import tfqkd  # noqa: F401  isort: skip
 
 from tfqkd.dpu.performance import ARCHES, CALIBRATION, THESIS_DPU, DPUConfig, calibrate, estimate, layer_costs
-from tfqkd.bench.report import write_csv, write_json
+from tfqkd import atomic
+from tfqkd.bench.report import write_json
 from tfqkd.models import create_model
 
 MODELS = ("densenet21", "densenet37", "densenet63")
@@ -91,7 +92,7 @@ def main(argv=None):
         "preactivation_densenet21_cpu_layers": len(preact["cpu_layers"]),
     }
     write_json(out / "dpu_model.json", payload)
-    write_csv(out / "dpu_model.csv", rows)
+    atomic.write_csv(out / "dpu_model.csv", rows)
 
     print(f"shipped calibration {CALIBRATION}")
     print(f"fit overhead only (eta=1): {payload['fit_overhead_only']}")

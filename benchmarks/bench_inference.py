@@ -29,7 +29,8 @@ import numpy as np
 from tfqkd.bench.command import benchmark, resolve_target, write_outputs
 from tfqkd.bench.convert import convert
 from tfqkd.bench.latency import sweep, tflite_backend
-from tfqkd.bench.report import format_table, write_csv, write_json
+from tfqkd import atomic
+from tfqkd.bench.report import format_table, write_json
 from tfqkd.bench.runtime import make_interpreter
 from tfqkd.models import create_model
 
@@ -102,7 +103,7 @@ def main(argv=None):
             log(json.dumps(payload["ratios"], indent=1))
     if not args.skip_study:
         rows, ops = study(args.model, args.batch, args.repeats, args.threads, log)
-        write_csv(out / "study.csv", rows)
+        atomic.write_csv(out / "study.csv", rows)
         all_summaries = {}
         m, d = args.model, f"{args.model}_dpu"
         for clock, key in (("wall", "batch_ms_median"), ("cpu", "batch_cpu_ms_median")):

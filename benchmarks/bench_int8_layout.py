@@ -35,7 +35,8 @@ import numpy as np
 from tfqkd._keras import keras
 from tfqkd.bench.convert import convert
 from tfqkd.bench.latency import sweep, tflite_backend
-from tfqkd.bench.report import write_csv, write_json
+from tfqkd import atomic
+from tfqkd.bench.report import write_json
 from tfqkd.bench.runtime import make_interpreter
 from tfqkd.models import create_model
 from tfqkd.plotting import pyplot, save_figure
@@ -152,7 +153,7 @@ def main(argv=None):
         "model": args.model, "threads": args.threads, "repeats": args.repeats, "single_ops": op_rows,
         "graphs": graphs, "sweep": rows, "summary": summary, "load_avg_end": os.getloadavg(),
     })
-    write_csv(out / "int8_layout.csv", rows)
+    atomic.write_csv(out / "int8_layout.csv", rows)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for layout, style in (("compact", "--"), ("speed", "-")):

@@ -35,7 +35,8 @@ import tfqkd  # noqa: F401  isort: skip
 import numpy as np
 
 from tfqkd._keras import keras, tf
-from tfqkd.bench.report import write_csv, write_json
+from tfqkd import atomic
+from tfqkd.bench.report import write_json
 from tfqkd.bench.step_timer import StepTimer
 
 
@@ -159,7 +160,7 @@ def main(argv=None):
     result = run(args, log=lambda s: print(s, flush=True))
     result.update(args=vars(args), load_avg=os.getloadavg(), seconds=time.perf_counter() - t0)
     write_json(out / "training_cost.json", result)
-    write_csv(out / "training_cost.csv", [{"config": k, "median_step_ms": v} for k, v in result["median_step_ms"].items()])
+    atomic.write_csv(out / "training_cost.csv", [{"config": k, "median_step_ms": v} for k, v in result["median_step_ms"].items()])
     print(json.dumps({k: result[k] for k in ("median_step_ms", "ratios", "per_round", "median_step_cpu_ms",
                                              "cpu_time_ratios")}, indent=1))
     targets = {"cs / (teacher_fit + ss)": 1.10, "ts_cache / ss": 1.15}

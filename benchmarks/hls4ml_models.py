@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from tfqkd._keras import keras
 from tfqkd.atomic import write_text

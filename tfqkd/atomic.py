@@ -66,12 +66,20 @@ def write_text(path, text):
     return Path(path)
 
 
-def write_csv(path, rows, fieldnames):
-    """Writes dict ``rows`` as CSV with the given columns, atomically; returns the ``Path``."""
+def write_csv(path, rows, fieldnames=None):
+    """Writes dict ``rows`` as CSV atomically; returns the ``Path``.
+
+    Args:
+      path: the file.
+      rows: dicts; a missing or None value is an empty cell, keys outside ``fieldnames`` are left out.
+      fieldnames: the columns; None: every key of the rows, in the order first seen.
+    """
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: ("" if row.get(key) is None else row.get(key)) for key in fieldnames} for row in rows)
     with replacing(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             handle.write(buffer.getvalue())

@@ -27,7 +27,6 @@ from tfqkd.analysis.layerwise import (
     plot_histograms,
     sqnr_db,
     tensor_stats,
-    write_csv,
 )
 from tfqkd.analysis.mixed_precision import (
     MixedPrecisionResult,
@@ -67,5 +66,4 @@ __all__ = [
     "sensitivity",
     "sqnr_db",
     "tensor_stats",
-    "write_csv",
 ]

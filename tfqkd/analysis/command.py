@@ -82,7 +82,7 @@ def run_analyze(args):
     import numpy as np
 
     import tfqkd.data as data
-    from tfqkd.analysis.layerwise import analyze, plot_histograms, write_csv
+    from tfqkd.analysis.layerwise import CSV_COLUMNS, analyze, plot_histograms
     from tfqkd.io import load_model
     from tfqkd.models import create_model
 
@@ -104,7 +104,7 @@ def run_analyze(args):
     rows = analyze(model, np.asarray(x), max_examples=args.examples, keep_samples=True)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        write_csv(rows, out / "layerwise.csv"),
+        atomic.write_csv(out / "layerwise.csv", rows, CSV_COLUMNS),
         plot_histograms(rows, out / "weights_hist.png", tensor="weight"),
         plot_histograms(rows, out / "activations_hist.png", tensor="activation"),
     ]

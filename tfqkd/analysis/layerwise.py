@@ -21,7 +21,6 @@ Definitions:
   share measures the tail mass beyond a Gaussian's (0.27 %).
 """
 
-import csv
 import math
 from pathlib import Path
 
@@ -43,7 +42,6 @@ __all__ = [
     "quantize_symmetric",
     "sqnr_db",
     "tensor_stats",
-    "write_csv",
 ]
 
 #: Bit widths at which every tensor's SQNR is reported.
@@ -308,18 +306,6 @@ def analyze(model, data, max_examples=32, keep_samples=False, seed=0):
             row["sample"] = flat.astype(np.float32)
         rows.append(row)
     return rows
-
-
-def write_csv(rows, path):
-    """Writes analysis rows to ``path`` (columns :data:`CSV_COLUMNS`); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    return path
 
 
 def plot_histograms(rows, path, tensor="weight", columns=6, bins=60):

@@ -273,15 +273,15 @@ def _load_avg():
 
 def write_outputs(payload, out_dir):
     """Writes bench.json, bench.csv, table.csv and the PNG plots into ``out_dir``; returns the paths."""
-    from tfqkd.bench.report import THESIS_TABLE_7_1, plot_sweep, write_csv, write_json
+    from tfqkd.bench.report import THESIS_TABLE_7_1, plot_sweep, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, thesis_table_7_1=list(THESIS_TABLE_7_1))
     paths = [out_dir / "bench.json", out_dir / "bench.csv", out_dir / "table.csv"]
     write_json(paths[0], payload)
-    write_csv(paths[1], payload["sweep"])
-    write_csv(paths[2], payload["table"])
+    atomic.write_csv(paths[1], payload["sweep"])
+    atomic.write_csv(paths[2], payload["table"])
     paths += plot_sweep(payload["sweep"], payload["labels"], out_dir, title=payload["model"])
     return paths
 

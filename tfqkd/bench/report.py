@@ -12,7 +12,6 @@ __all__ = [
     "THESIS_DPU_LATENCY_MS",
     "format_table",
     "plot_sweep",
-    "write_csv",
     "write_json",
 ]
 
@@ -102,14 +101,6 @@ def _times(value, width):
 def write_json(path, payload):
     """Writes ``payload`` as indented JSON atomically."""
     atomic.write_text(path, json.dumps(payload, indent=2, default=str))
-
-
-def write_csv(path, rows):
-    """Writes a list of flat dicts as CSV atomically (columns: union of keys, first-seen order)."""
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    atomic.write_csv(path, [{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows], keys)
 
 
 def plot_sweep(sweep_rows, labels, out_dir, title=""):

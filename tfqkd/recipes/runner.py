@@ -331,7 +331,7 @@ def write_results(run, title):
         payload = {"title": title, "config": run.config, "results": rows}
         run._write_text("results.json", json.dumps(payload, indent=2))
         columns = ["method", "train_top1", "test_top1", "seconds", "exported"]
-        atomic.write_csv(run.run_dir / "results.csv", [{k: row.get(k, "") for k in columns} for row in rows], columns)
+        atomic.write_csv(run.run_dir / "results.csv", rows, columns)
         _plot(rows, title, run.run_dir / "comparison.png")
     width = max(len(r["method"]) for r in rows) + 2
     lines = [title, f"{'Method':<{width}}{'Train top-1':>12}{'Test top-1':>12}"]
