@@ -177,7 +177,7 @@ def to_tflite(
 
     Returns:
       dict with ``path``, ``kind``, ``layout``, ``bytes``, ``activation_scales`` (trained
-      steps of each activation quantizer), ``weight_scales``,
+      steps of each activation quantizer), ``weight_scales``, ``weight_code_multipliers``,
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
       does not: train with ``integer_intermediates`` to make it exact) and, with
       ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
@@ -205,6 +205,8 @@ def to_tflite(
         "bytes": out_path.stat().st_size,
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
         "weight_scales": {name: step for name, (step, _) in graph.weight_grids.items()},
+        # int8 weights store code * k at scale step / k (the same real weights; finer bias unit)
+        "weight_code_multipliers": graph.code_multipliers() if kind == "int8" else {},
         "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
         "rounded_batchnorm": list(graph.rounded_batchnorms) if kind == "int8" else [],
     }
