@@ -151,7 +151,7 @@ def atomic_write(path, data, *, force=False):
 
 def to_tflite(
     model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
-    layout="speed",
+    layout="speed", runtimes=None,
 ):
     """Exports a quantized Keras model to a .tflite file.
 
@@ -174,6 +174,8 @@ def to_tflite(
       force: overwrite an existing file.
       unsafe: allow Lambda layers (they run code).
       layout: "speed" or "compact" graph (see :func:`convert`).
+      runtimes: with ``evaluation``: the runtimes to validate on (e.g. ``"litert,tflite-runtime"``,
+        see :func:`tfqkd.export.runtimes.parse_runtimes`; None: the first installed).
 
     Returns:
       dict with ``path``, ``kind``, ``layout``, ``bytes``, ``activation_scales`` (trained
@@ -213,5 +215,5 @@ def to_tflite(
     if evaluation is not None:
         from tfqkd.export.validate import validate_tflite
 
-        result["validation"] = validate_tflite(out_path, model, evaluation, force=force)
+        result["validation"] = validate_tflite(out_path, model, evaluation, force=force, runtimes=runtimes)
     return result
