@@ -106,10 +106,12 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = sorted({label for row in rows for label in row["runtimes"]})
     markers = dict(zip(labels, "osd^v"))
+    colors = dict(zip(labels, ("C0", "C1", "C2", "C3", "C4")))
     for i, row in enumerate(rows):
         for label, figures in row["runtimes"].items():
-            axes[0].scatter(i, figures["agreement"], marker=markers[label], label=label if i == 0 else None, alpha=0.7)
-            axes[1].scatter(i, figures["max_output_steps"], marker=markers[label], alpha=0.7)
+            style = {"marker": markers[label], "color": colors[label], "alpha": 0.7}
+            axes[0].scatter(i, figures["agreement"], label=label if i == 0 else None, **style)
+            axes[1].scatter(i, figures["max_output_steps"], **style)
         axes[0].scatter(i, row["output_grid_agreement"], marker="_", color="k", s=80,
                         label="Keras logits on the int8 output grid" if i == 0 else None)  # fmt: skip
     axes[0].axhline(GOAL["agreement"], color="r", lw=0.8, ls="--")
