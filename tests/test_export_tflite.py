@@ -154,6 +154,7 @@ def _check_trained_grid(info, result):
     weighted = [op for op in info["ops"] if op["op"] in _WEIGHTED_OPS]
     assert weighted
     weight_steps = list(result["weight_scales"].values())
+    multipliers = sorted(set(result["weight_code_multipliers"].values()))
     for op in weighted:
         weight_index = op["inputs"][1]
         weight = info["tensors"][weight_index]
@@ -161,11 +162,16 @@ def _check_trained_grid(info, result):
         axis = 3 if op["op"] == "DEPTHWISE_CONV_2D" else 0
         counts = weight_codes_per_channel(info, weight_index, axis=axis)
         assert max(counts) <= 16, (weight["name"], max(counts))
-        codes = info["_interpreter"].get_tensor(weight_index)
-        assert np.abs(codes.astype(int)).max() <= 7
+        # The stored codes are the trained codes times the layer's integer multiplier k (same real
+        # weights at scale step / k: a finer bias and accumulator unit, see _WeightedPoint.tune).
+        codes = info["_interpreter"].get_tensor(weight_index).astype(int)
+        fits = [k for k in multipliers if np.all(codes % k == 0) and np.abs(codes // k).max() <= 7]
+        assert fits, (weight["name"], np.abs(codes).max(), multipliers)
         if len(weight["scales"]) == 1:
-            # Per-tensor weights: the scale is a trained step (BN-folded convs are per channel).
-            assert any(np.isclose(weight["scales"][0], s, rtol=1e-5) for s in weight_steps), weight
+            # Per-tensor weights: the scale is a trained step / k (BN-folded convs are per channel).
+            assert any(
+                np.isclose(weight["scales"][0] * k, s, rtol=1e-5) for s in weight_steps for k in fits
+            ), weight
     # The int8 tensor feeding each weighted op carries a trained 4-bit activation step.
     activation_steps = list(result["activation_scales"].values())
     assert len(activation_steps) == len(weighted)
@@ -280,7 +286,9 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
         act = info["tensors"][op["inputs"][0]]
         assert any(np.isclose(act["scales"][0], s, rtol=1e-5) for s in steps), act
         assert max(weight_codes_per_channel(info, op["inputs"][1])) <= 16
-        assert np.abs(info["_interpreter"].get_tensor(op["inputs"][1]).astype(int)).max() <= 7
+        codes = info["_interpreter"].get_tensor(op["inputs"][1]).astype(int)  # trained codes times k
+        assert any(np.all(codes % k == 0) and np.abs(codes // k).max() <= 7
+                   for k in set(result["weight_code_multipliers"].values()))
     # The 4-bit codes entering every conv / dense layer are the Keras model's codes.
     x = x_test[:100]
     interpreter, _ = load_interpreter(out, preserve_all_tensors=True)

@@ -11,24 +11,16 @@ from tfqkd.errors import TfqkdError
 
 __all__ = ["interpreter_class", "make_interpreter", "runtime_name"]
 
+# Names these benchmarks have always reported (tfqkd.export.runtimes names the runtimes for export checks).
+_NAMES = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime", "tensorflow": "tf.lite"}
+
 
 def interpreter_class():
-    """Returns ``(Interpreter class, OpResolverType enum or None, runtime name)``."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    """Returns ``(Interpreter class, OpResolverType enum or None, runtime name)`` (first installed runtime)."""
+    from tfqkd.export.runtimes import interpreter_class as shared
 
-        return Interpreter, OpResolverType, "ai_edge_litert"
-    except ImportError:
-        pass
-    try:  # pragma: no cover - depends on the installed runtime
-        from tflite_runtime.interpreter import Interpreter, OpResolverType
-
-        return Interpreter, OpResolverType, "tflite_runtime"
-    except ImportError:  # pragma: no cover
-        pass
-    from tfqkd._keras import tf  # pragma: no cover
-
-    return tf.lite.Interpreter, getattr(tf.lite.experimental, "OpResolverType", None), "tf.lite"  # pragma: no cover
+    Interpreter, resolver, name = shared(None)
+    return Interpreter, resolver, _NAMES[name]
 
 
 def runtime_name():

@@ -51,6 +51,12 @@ def add_tflite_arguments(parser):
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
     group.add_argument(
+        "--runtimes", default="auto", metavar="NAME[=PYTHON],...",
+        help="validate each written file on these TFLite runtimes: litert, tflite-runtime, tensorflow (auto: the "
+        "first installed). NAME=PYTHON runs it with another Python, e.g. a venv with tflite-runtime 2.14 and "
+        "numpy<2; a runtime that is not installed is reported in one line",
+    )
+    group.add_argument(
         "--layout", choices=("speed", "compact"), default="speed",  # integer_graph.LAYOUTS (TF-free import here)
         help="speed: BNs and average pools as depthwise convs (fast int8 on XNNPACK; default); "
         "compact: MUL/ADD and AVERAGE_POOL_2D (smaller file)",
@@ -196,6 +202,9 @@ def run_tflite_export(args):
     from tfqkd.export.validate import format_report
     from tfqkd.io import load_model
 
+    from tfqkd.export.runtimes import parse_runtimes
+
+    runtimes = parse_runtimes(getattr(args, "runtimes", "auto"))  # unknown names fail before any work
     model_path, dataset, data_dir, out_dir = resolve_export_source(args)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     stem = model_path.stem
@@ -223,6 +232,7 @@ def run_tflite_export(args):
             force=args.force,
             unsafe=args.unsafe,
             layout=args.layout,
+            runtimes=runtimes,
         )
         print(f"[tfqkd] {kind}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)

@@ -32,24 +32,13 @@ def load_interpreter(model_path=None, model_content=None, *, preserve_all_tensor
     Returns:
       ``(interpreter, runtime_name)``.
     """
+    from tfqkd.export.runtimes import RUNTIMES, interpreter_class
+
     kwargs = {"model_path": None if model_path is None else str(model_path), "model_content": model_content}
     if preserve_all_tensors:
         kwargs["experimental_preserve_all_tensors"] = True
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter(**kwargs), "ai-edge-litert"
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter(**kwargs), "tflite-runtime"
-    except ImportError:
-        pass
-    from tfqkd._keras import tf
-
-    return tf.lite.Interpreter(**kwargs), "tf.lite"
+    Interpreter, _, name = interpreter_class(None)
+    return Interpreter(**kwargs), RUNTIMES[name][1]
 
 
 def read_tflite(model_path=None, model_content=None):

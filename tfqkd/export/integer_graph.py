@@ -23,6 +23,15 @@ fake-quant nodes whose 8-bit grid *contains* the trained grid:
   followed by the same fake quant, so the int8 tensor carries exactly the
   ``2**b`` trained codes.
 
+Where a weighted layer's output is rounded onto a trained grid, the int32 bias
+and a power of the stored codes are fitted to that grid (``_WeightedPoint.tune``):
+a plain conversion rounds the bias to ``input step * weight step`` and TFLite's
+built-in kernels requantize with two roundings (gemmlowp), which together moved
+~0.1% of the hidden 4-bit codes of a kl_mlp_student and 3 output steps of its
+logits; the fitted file computes the Keras model's hidden codes exactly in
+integer arithmetic where a bias can (all thresholds of 4-bit outputs but a few
+in a hundred channels) and on both XNNPACK and the built-in kernels.
+
 Tensors the trained model keeps in float (BatchNormalization, Add,
 Concatenate, pooling and logits) get 8-bit scales from the converter's
 calibration with a representative dataset; that rounding is what the float
@@ -66,6 +75,9 @@ LAYOUTS = ("speed", "compact")
 _BIAS_SEARCH = np.arange(-256, 257, dtype=np.float64)
 # Widening of the calibrated logit range, as a fraction of its span.
 _OUTPUT_MARGIN = 0.1
+# For outputs of at most 16 codes: how much more a threshold missed by exact integer arithmetic
+# counts than one missed only by gemmlowp's two roundings (see _fit_bias).
+_EXACT_WEIGHT = 4.0
 
 
 def activation_grid(quantizer, layer_name):
@@ -200,6 +212,94 @@ class _WeightedPoint:
         self.weight_codes = (self.codes * sign.astype(np.int32)).astype(np.int32)
         self.bias = bias.astype(np.float32)
         self.has_bias = layer.use_bias or bn is not None
+        # Set by :meth:`tune`: the stored int8 weights are ``code_multiplier * codes`` at scale
+        # ``channel_scale / code_multiplier`` (same real weights), and ``int_bias`` is the int32 bias
+        # the runtime adds (None: the converter rounds ``bias`` itself).
+        self.code_multiplier = 1
+        self.int_bias = None
+        self.matched_thresholds = None
+
+    def _reduction_sums(self):
+        """Per output channel, the sum of |weight code| over everything one output value adds up."""
+        codes = np.abs(self.weight_codes.astype(np.int64))
+        if isinstance(self.layer, QDepthwiseConv2D):
+            return codes.reshape(-1, codes.shape[-2] * codes.shape[-1]).sum(0)
+        return codes.reshape(-1, codes.shape[-1]).sum(0)
+
+    def tune(self, input_grid, output=None, density=None):
+        """Chooses the int8 storage of the weights and the int32 bias for the runtimes' arithmetic.
+
+        Two departures of a plain conversion from the Keras model are closed here:
+
+        * the bias is stored as an int32 multiple of ``input step * weight step``,
+          which moves each pre-activation by up to half that unit: with 4-bit
+          weights and activations about 0.4% of the step of the next quantizer,
+          enough to move ~0.1% of the hidden codes of an MLP. Low-bit codes are
+          therefore stored multiplied by an integer ``k`` that keeps them in
+          [-127, 127] (up to 18 for 4-bit codes; the same real weights at scale
+          ``step / k``, a ``k`` times finer accumulator and bias unit);
+        * where the layer's output is rounded onto a trained grid (a following
+          activation quantizer, optionally after a ReLU, or a concat's
+          quantizer), ``k`` and the int32 bias are chosen so that every rounding
+          threshold of that grid falls between the same two reachable
+          accumulator values as in the Keras model, both for a runtime that
+          requantizes with one rounding (XNNPACK, float multiplier) and for
+          TFLite's built-in kernels (gemmlowp's two roundings, which move each
+          threshold by up to one accumulator unit). Where no bias does that for
+          every threshold (8-bit outputs with 8-bit weights), the one that
+          misses the fewest is kept, weighted by how often calibration data
+          comes near each threshold.
+
+        Args:
+          input_grid: the :class:`Grid` of the input tensor, or None (float/calibrated input).
+          output: ``(grid, relu)``: the trained grid the output is rounded onto in the Keras
+            model and whether a ReLU comes first; None for a float output (logits, BN inputs).
+          density: optional ``(channels, thresholds)`` counts of calibration values within one
+            step of each threshold of ``output``.
+        """
+        depthwise = isinstance(self.layer, QDepthwiseConv2D)
+        shape = self.weight_codes.shape
+        channels = shape[-2] * shape[-1] if depthwise else shape[-1]
+        largest = int(np.max(np.abs(self.weight_codes), initial=0))
+        if input_grid is not None:
+            low, high, _ = input_grid.int8_window()
+            input_magnitude = max(abs(low), abs(high))
+        else:
+            input_magnitude = 255
+        sums = self._reduction_sums().astype(np.float64)
+        # Largest multiplier: codes stay in [-127, 127] and the int32 accumulator keeps 2**24 for the bias.
+        limit = _WEIGHT_CODE_MAX // largest if largest else 1
+        while limit > 1 and input_magnitude * np.max(sums, initial=0.0) * limit >= 2**31 - 2**24:
+            limit -= 1
+        self.code_multiplier = limit
+        if input_grid is None:
+            return
+        channel_scale = self.channel_scale if self.channel_scale.size == channels else np.full(
+            channels, self.channel_scale.flat[0], np.float32
+        )  # depthwise kernels: one step for all channels
+        bias = np.broadcast_to(self.bias.astype(np.float64), (channels,))
+        self.has_bias = True
+        if output is None:
+            self._set_bias(limit, input_grid, channel_scale, bias)
+            return
+        best = None
+        for k in range(limit, 0, -1):
+            fit = _fit_bias(k, input_grid, channel_scale, bias, output, input_magnitude * sums * k, density)
+            if best is None or fit["score"] < best["score"]:
+                best = fit
+            if best["score"] == 0:
+                break
+        self.code_multiplier = best["k"]
+        self._unit, self.int_bias = best["unit"], best["bias"]
+        self.output_thresholds = best["thresholds"]
+        self.missed_thresholds = best["missed"]
+        # (threshold checks passed, made): two per reachable threshold and channel (one per rounding).
+        self.matched_thresholds = (int(best["checks"] - np.sum(best["missed"])), int(best["checks"]))
+
+    def _set_bias(self, k, input_grid, channel_scale, bias):
+        self.code_multiplier = k
+        self._unit = _accumulator_unit(k, input_grid, channel_scale)
+        self.int_bias = np.rint(bias / self._unit)
 
     def pooled(self, x, pool, source):
         """``pool(self(x))`` computed as ``self(sum-pool(x)) / area`` (see ``IntegerGraph._pooled_first``)."""
@@ -217,13 +317,20 @@ class _WeightedPoint:
         w = tf.constant(values)
         if not integer:
             return w
+        k = self.code_multiplier  # a power of two: the same real weights, codes * k at scale / k
         if self.folded:
-            limit = (_WEIGHT_CODE_MAX * self.channel_scale.astype(np.float64)).astype(np.float32)
+            limit = (_WEIGHT_CODE_MAX * self.channel_scale.astype(np.float64) / k).astype(np.float32)
             return tf.quantization.fake_quant_with_min_max_vars_per_channel(
                 w, min=-limit, max=limit, num_bits=8, narrow_range=True
             )
-        limit = np.float32(_WEIGHT_CODE_MAX * self.step)
+        limit = np.float32(_WEIGHT_CODE_MAX * self.step / k)
         return _fake_quant(w, -limit, limit, narrow_range=True)
+
+    def _bias(self, integer):
+        if integer and self.int_bias is not None:
+            # The converter divides by the same unit and rounds: it stores exactly these integers.
+            return (self.int_bias * self._unit).astype(np.float32)
+        return self.bias
 
     def __call__(self, x, integer):
         layer, w = self.layer, self._weights(integer)
@@ -240,7 +347,7 @@ class _WeightedPoint:
                 x, w, strides=(1, *layer.strides, 1), padding=layer.padding.upper(), dilations=layer.dilation_rate
             )
         if self.has_bias:
-            y = tf.nn.bias_add(y, tf.constant(self.bias))
+            y = tf.nn.bias_add(y, tf.constant(self._bias(integer)))
         activation = getattr(layer, "activation", None)
         if activation is not None and activation is not keras.activations.linear:
             y = activation(y)
@@ -347,6 +454,94 @@ class _ChannelAffine:
             return y  # the ReLU and the quantizer that follow pin the output grid
         low, high = _ActivationPoint(self.output_grid).window
         return _fake_quant(y, low, high)
+
+
+def _accumulator_unit(k, input_grid, channel_scale):
+    """Real value of one int32 accumulator unit per channel, in the float32 scales the file stores."""
+    weight_scale = (channel_scale.astype(np.float64) / k).astype(np.float32).astype(np.float64)
+    return _file_scale(input_grid) * weight_scale
+
+
+def _fit_bias(k, input_grid, channel_scale, bias, output, reach, density):
+    """The int32 bias per channel that keeps the most rounding thresholds of ``output`` (see ``_WeightedPoint.tune``).
+
+    Returns a dict with ``k``, ``unit``, ``bias`` (float64 integers), ``thresholds`` (``j + 0.5`` in
+    output steps), ``missed`` (``(channels, thresholds)``: 0, 1 or 2 roundings that move the code),
+    ``checks`` (reachable thresholds times 2) and ``score`` (missed, weighted by ``density``).
+    """
+    grid, relu = output
+    unit = _accumulator_unit(k, input_grid, channel_scale)
+    ideal = bias / unit
+    low, high, _ = grid.int8_window()
+    lo_code = max(grid.qmin - grid.zero, low, 0 if relu else low)
+    hi_code = min(grid.qmax - grid.zero, high)
+    j = np.arange(lo_code, hi_code, dtype=np.float64) + 0.5  # thresholds between codes, in steps
+    # Keras: the code passes j iff acc * unit + bias >= j * step; acc takes multiples of k only.
+    keras_t = (j[None, :] * np.float64(np.float32(grid.scale)) - bias[:, None]) / unit[:, None]
+    keras_gap = np.ceil(keras_t / k)
+    multiplier = unit / _file_scale(grid)  # one accumulator unit in output steps
+    mantissa, exponent = np.frexp(multiplier)
+    # gemmlowp rounds acc * mantissa first, then divides by 2**-exponent: each threshold moves by
+    # half a unit of the first rounding, towards the zero code (when there is a second rounding).
+    double_shift = np.where(exponent < 0, 0.5 / mantissa, 0.0)[:, None] * np.where(j > 0, 1.0, -1.0)[None, :]
+    runtime_t = j[None, :] / multiplier[:, None]  # the runtime's threshold before the bias
+    relevant = np.abs(keras_t) <= reach[:, None] + k
+    weight = np.ones_like(keras_t) if density is None else 1.0 + np.asarray(density, np.float64)
+    tolerance = 0.01 + 1e-6 * np.abs(runtime_t)
+    base = np.rint(ideal)
+    offsets = np.arange(-k - 2, k + 3, dtype=np.float64)
+
+    def missed(candidate, shift):
+        t = runtime_t - candidate[:, None] - shift
+        out = (np.ceil((t - tolerance) / k) != keras_gap) | (np.ceil((t + tolerance) / k) != keras_gap)
+        return np.where(relevant, out, False)
+
+    # Exact integer arithmetic (one rounding) first: a miss there counts as much as every
+    # threshold a two-rounding runtime could miss; then the fewest two-rounding misses; then the
+    # bias closest to the trained one. Each weighted by how often data comes near the threshold.
+    # Few-code outputs: a two-rounding miss moves a code by a large step, worth trading for; 8-bit
+    # outputs have too many thresholds to keep for both roundings: exact arithmetic comes first.
+    heavy = _EXACT_WEIGHT if grid.levels <= 16 else 1.0 + np.sum(np.where(relevant, weight, 0.0), axis=1)
+    scores = []
+    for offset in offsets:
+        candidate = base + offset
+        scores.append(
+            heavy * np.sum(missed(candidate, 0.0) * weight, axis=1) + np.sum(missed(candidate, double_shift) * weight, axis=1)
+        )
+    scores = np.stack(scores)
+    distance = np.abs(base[None, :] + offsets[:, None] - ideal[None, :])
+    choice = np.argmin(scores + distance / (4.0 * (k + 3)), axis=0)
+    chosen = base + offsets[choice]
+    single, double = missed(chosen, 0.0), missed(chosen, double_shift)
+    return {
+        "k": k, "unit": unit, "bias": chosen, "thresholds": j, "missed": single.astype(float) + double,
+        "checks": 2 * int(np.sum(relevant)),
+        "score": float(np.sum(heavy * np.sum(single * weight, axis=1) + np.sum(double * weight, axis=1))),
+        "exact_misses": int(np.sum(single)),
+    }
+
+
+def _threshold_counts(steps, thresholds):
+    """``(channels, thresholds)`` counts of the values ``steps`` ``(N, channels)`` within one step of each threshold.
+
+    ``thresholds`` are consecutive ``j + 0.5``; a value ``v`` is within one step of the two thresholds
+    around it, ``floor(v - 0.5) + 0.5`` and the next.
+    """
+    channels, count = steps.shape[1], len(thresholds)
+    first = np.floor(steps - 0.5) - (thresholds[0] - 0.5)  # index of the threshold just below
+    column = np.broadcast_to(np.arange(channels), steps.shape)
+    counts = np.zeros(channels * count, np.int64)
+    for index in (first, first + 1):
+        ok = (index >= 0) & (index < count)
+        counts += np.bincount((column[ok] * count + index[ok]).astype(np.int64), minlength=channels * count)
+    return counts.reshape(channels, count)
+
+
+def _file_scale(grid):
+    """The scale TFLite stores for a tensor pinned to ``grid`` by :class:`_ActivationPoint` (float64 value)."""
+    low, high, _ = grid.int8_window()
+    s = grid.scale
+    return np.float64(np.float32((np.float64(np.float32(high * s)) - np.float64(np.float32(low * s))) / 255.0))
 
 
 def _batchnorm_as_depthwise(gain, offset, x):
@@ -472,6 +667,8 @@ class IntegerGraph:
         self._pool_identity = {pool.name for pool, _ in self.pooled_first.values()}
         self.concat_windows = self._concat_windows(consumers)
         self.concat_requantizations = self._concat_requantizations(consumers)
+        self._tuned = {}
+        self._tune_weighted(consumers)
         self._depthwise_batchnorms, self._depthwise_pools = self._depthwise_lowerings(consumers)
         # BNs the Keras model computes in float and int8 must round (on calibrated scales).
         self.rounded_batchnorms = [
@@ -484,6 +681,45 @@ class IntegerGraph:
             for name in self._layers_needing_ranges(consumers)
             if name not in self.pooled_first and name not in self.concat_windows
         ]
+
+    def code_multipliers(self):
+        """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""
+        return {name: p.code_multiplier for name, p in self.points.items() if isinstance(p, _WeightedPoint)}
+
+    def _tune_weighted(self, consumers):
+        """Fits each weighted layer's int8 weights and int32 bias to the grid its output is rounded onto."""
+        for layer in self.model.layers:
+            point = self.points.get(layer.name)
+            if not isinstance(point, _WeightedPoint) or layer.name in self.pooled_first:
+                continue
+            source = self._producer_of(layer.input)
+            input_grid = self.activation_grids.get(source.name)
+            output = None
+            activation = getattr(layer, "activation", None)
+            own_relu = activation is keras.activations.relu
+            plain = activation is None or activation is keras.activations.linear or own_relu
+            if layer.name in self.concat_windows:
+                if plain and not own_relu:
+                    output = (self.activation_grids[self.concat_windows[layer.name]], False)
+            elif plain:
+                users = consumers.get(str(id(layer.output)), [])
+                if len(users) == 1 and users[0].name in self._identity:
+                    users = consumers.get(str(id(users[0].output)), [])
+                relu = own_relu
+                if not relu and len(users) == 1 and type(users[0]).__name__ == "ReLU" and _plain_relu(users[0]):
+                    relu = True
+                    users = consumers.get(str(id(users[0].output)), [])
+                grid = self._shared_grid(users)
+                if grid is not None:
+                    output = (grid, relu)
+            point.tune(input_grid, output)
+            if output is not None and input_grid is not None:
+                # The tensor before the ReLU and the rounding: calibration data weights its thresholds.
+                before = layer
+                following = consumers.get(str(id(layer.output)), [])
+                if len(following) == 1 and following[0].name in self._identity:
+                    before = following[0]
+                self._tuned[layer.name] = (input_grid, output, before.name)
 
     def _producer_of(self, tensor):
         return tensor._keras_history.layer
@@ -669,18 +905,29 @@ class IntegerGraph:
           batches: iterable of input arrays (the calibration data). The range
             of each tensor is the min-max over all of them, widened to contain 0.
         """
-        if not self.range_layers:
+        tuned = list(self._tuned.items())
+        if not self.range_layers and not tuned:
             return
         outputs = [self.model.get_layer(name).output for name in self.range_layers]
+        outputs += [self.model.get_layer(before).output for _, (_, _, before) in tuned]
         probe = keras.Model(self.model.inputs, outputs)
-        lows = np.zeros(len(outputs))
-        highs = np.zeros(len(outputs))
+        lows = np.zeros(len(self.range_layers))
+        highs = np.zeros(len(self.range_layers))
+        density = [None] * len(tuned)
         for batch in batches:
             values = probe(batch, training=False)
             values = values if isinstance(values, (list, tuple)) else [values]
-            for i, v in enumerate(values):
+            for i, v in enumerate(values[: len(self.range_layers)]):
                 lows[i] = min(lows[i], float(tf.reduce_min(v)))
                 highs[i] = max(highs[i], float(tf.reduce_max(v)))
+            for i, (name, (_, (grid, _), _)) in enumerate(tuned):
+                # Calibration values within one step of each rounding threshold, per channel.
+                point = self.points[name]
+                steps = np.asarray(values[len(self.range_layers) + i], np.float64) / grid.scale
+                counts = _threshold_counts(steps.reshape(-1, steps.shape[-1]), point.output_thresholds)
+                density[i] = counts if density[i] is None else density[i] + counts
+        for (name, (input_grid, output, _)), counts in zip(tuned, density):
+            self.points[name].tune(input_grid, output, density=counts)
         out_name = self.model.outputs[0]._keras_history.layer.name
         for name, lo, hi in zip(self.range_layers, lows, highs):
             if name == out_name:

@@ -151,7 +151,7 @@ def atomic_write(path, data, *, force=False):
 
 def to_tflite(
     model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
-    layout="speed",
+    layout="speed", runtimes=None,
 ):
     """Exports a quantized Keras model to a .tflite file.
 
@@ -174,10 +174,12 @@ def to_tflite(
       force: overwrite an existing file.
       unsafe: allow Lambda layers (they run code).
       layout: "speed" or "compact" graph (see :func:`convert`).
+      runtimes: with ``evaluation``: the runtimes to validate on (e.g. ``"litert,tflite-runtime"``,
+        see :func:`tfqkd.export.runtimes.parse_runtimes`; None: the first installed).
 
     Returns:
       dict with ``path``, ``kind``, ``layout``, ``bytes``, ``activation_scales`` (trained
-      steps of each activation quantizer), ``weight_scales``,
+      steps of each activation quantizer), ``weight_scales``, ``weight_code_multipliers``,
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
       does not: train with ``integer_intermediates`` to make it exact) and, with
       ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
@@ -205,11 +207,13 @@ def to_tflite(
         "bytes": out_path.stat().st_size,
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
         "weight_scales": {name: step for name, (step, _) in graph.weight_grids.items()},
+        # int8 weights store code * k at scale step / k (the same real weights; finer bias unit)
+        "weight_code_multipliers": graph.code_multipliers() if kind == "int8" else {},
         "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
         "rounded_batchnorm": list(graph.rounded_batchnorms) if kind == "int8" else [],
     }
     if evaluation is not None:
         from tfqkd.export.validate import validate_tflite
 
-        result["validation"] = validate_tflite(out_path, model, evaluation, force=force)
+        result["validation"] = validate_tflite(out_path, model, evaluation, force=force, runtimes=runtimes)
     return result

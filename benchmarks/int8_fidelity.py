@@ -1,0 +1,191 @@
+"""How closely the int8 TFLite file reproduces the trained Keras model, on every runtime (issue 17).
+
+    python benchmarks/int8_fidelity.py [--tflite-runtime-python VENV/bin/python] [--quick]
+
+Trains the grid a user would (no hand tuning): kl_mlp_student and dnn300 (the same
+two-hidden-layer width-300 MLP under its thesis name) at w8a8 and w4a4,
+``tfqkd.create_model(name, quant=policy)``, seeds 0-2 x {Adam 1e-3, SGD 0.05
+momentum 0.9}, 3 epochs at batch 64 on the 4,000 mnist5k training images; then
+``tfqkd.export.to_tflite(..., kind="int8", calibration_data=x_train[:512])`` and
+compares the file with the Keras model on the 1,000 mnist5k test images, on each
+runtime: LiteRT (XNNPACK), TensorFlow's tf.lite interpreter and tflite-runtime
+(2.14 in its own numpy<2 venv, given with ``--tflite-runtime-python``).
+
+densenet21 is trained with ``integer_intermediates=True`` on a SHORT schedule
+(158 float steps, then quantized and 79 QAT steps, Adam; seed 0; the
+tests' schedule), at w8a8 and w4a4, plus a plain w8a8 densenet21 (the README
+student's policy, BN tensors in float) for the runtime comparison.
+
+Per file: top-1 agreement, largest logit error in logits and in output steps
+(the int8 output tensor's scale) per runtime, the largest difference between
+runtimes, and ``output_grid_agreement``: the agreement of the Keras logits merely
+rounded onto the int8 output grid (ties broken as argmax does) -- the ceiling for
+any file with an int8 output. Writes ``results/int8_fidelity.json`` and ``.png``.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tfqkd  # noqa: F401  isort: skip  (selects Keras 2 before TensorFlow)
+import numpy as np
+
+from tfqkd._keras import keras
+from tfqkd.bench.report import write_json
+from tfqkd.data import load_arrays
+from tfqkd.export import to_tflite
+from tfqkd.export.inspect import load_interpreter
+from tfqkd.plotting import pyplot, save_figure
+
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "sgd": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+}
+#: Issue 17's goal.
+GOAL = {"agreement": 99.9, "max_output_steps": 2.0}
+
+
+def train_mlp(name, policy, seed, optimizer, data):
+    x_train, y_train = data
+    keras.utils.set_random_seed(seed)
+    model = tfqkd.create_model(name, quant=policy)
+    model.compile(OPTIMIZERS[optimizer](), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0)
+    return model
+
+
+def train_densenet(policy, integer_intermediates, seed, data):
+    x_train, y_train = data
+
+    def fit(model, steps, lr):
+        model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x_train, y_train, batch_size=64, epochs=max(1, steps // 60), steps_per_epoch=min(steps, 60), verbose=0)
+
+    keras.utils.set_random_seed(seed)
+    float_model = tfqkd.create_model("densenet21", num_classes=10, input_shape=(28, 28, 1))
+    fit(float_model, 158, 2e-3)
+    model = tfqkd.quantize(float_model, policy, x_train[:256], integer_intermediates=integer_intermediates)
+    fit(model, 79, 2e-4)
+    return model
+
+
+def measure(model, data, test, runtimes, workdir, tag):
+    x_train = data[0]
+    x_test, y_test = test
+    path = Path(workdir) / f"{tag}.tflite"
+    result = to_tflite(model, path, calibration_data=x_train[:512], kind="int8", evaluation=(x_test, y_test),
+                       runtimes=runtimes, force=True)  # fmt: skip
+    report = result["validation"]
+    keras_logits = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
+    interpreter, _ = load_interpreter(path)
+    scale, zero = interpreter.get_output_details()[0]["quantization"]
+    grid = np.clip(np.rint(keras_logits / scale) + zero, -128, 127)
+    row = {
+        "keras_top1": report["keras_top1"],
+        "output_step": float(scale),
+        "output_grid_agreement": float(100.0 * np.mean(grid.argmax(-1) == keras_logits.argmax(-1))),
+        "runtimes": {
+            label: {key: figures[key] for key in ("agreement", "max_output_steps", "max_logit_difference", "tflite_top1")}
+            | {key: figures[key] for key in ("version", "numpy") if key in figures}
+            for label, figures in report["runtimes"].items()
+        },
+        "between_runtimes": report.get("between_runtimes", {}),
+        "unavailable": report.get("unavailable", {}),
+    }
+    row["goal_met"] = {
+        label: figures["agreement"] >= GOAL["agreement"] and figures["max_output_steps"] <= GOAL["max_output_steps"]
+        for label, figures in row["runtimes"].items()
+    }
+    return row
+
+
+def plot(rows, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = sorted({label for row in rows for label in row["runtimes"]})
+    markers = dict(zip(labels, "osd^v"))
+    colors = dict(zip(labels, ("C0", "C1", "C2", "C3", "C4")))
+    for i, row in enumerate(rows):
+        for label, figures in row["runtimes"].items():
+            style = {"marker": markers[label], "color": colors[label], "alpha": 0.7}
+            axes[0].scatter(i, figures["agreement"], label=label if i == 0 else None, **style)
+            axes[1].scatter(i, figures["max_output_steps"], **style)
+        axes[0].scatter(i, row["output_grid_agreement"], marker="_", color="k", s=80,
+                        label="Keras logits on the int8 output grid" if i == 0 else None)  # fmt: skip
+    axes[0].axhline(GOAL["agreement"], color="r", lw=0.8, ls="--")
+    axes[1].axhline(GOAL["max_output_steps"], color="r", lw=0.8, ls="--")
+    names = [f"{r['model'][:6]} {r['policy']}{' ii' if r.get('integer_intermediates') else ''} {r.get('optimizer', '')}{r['seed']}"
+             for r in rows]  # fmt: skip
+    for ax, title in zip(axes, ("top-1 agreement with Keras (%)", "largest logit error (int8 output steps)")):
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tflite-runtime-python", default=None,
+                        help="Python of a venv with tflite-runtime (e.g. 2.14 and numpy<2)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="seed 0 only, kl_mlp_student only, no densenet")
+    parser.add_argument("--no-densenet", action="store_true")
+    args = parser.parse_args(argv)
+    runtimes = "litert,tensorflow," + (
+        f"tflite-runtime={args.tflite_runtime_python}" if args.tflite_runtime_python else "tflite-runtime"
+    )
+    data = load_arrays("mnist5k", "train")
+    test = load_arrays("mnist5k", "test")
+    models = ["kl_mlp_student"] if args.quick else ["kl_mlp_student", "dnn300"]
+    seeds = [0] if args.quick else [0, 1, 2]
+    rows = []
+    start = time.time()
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in models:
+            for policy in ("w8a8", "w4a4"):
+                for seed in seeds:
+                    for optimizer in OPTIMIZERS:
+                        model = train_mlp(name, policy, seed, optimizer, data)
+                        row = {"model": name, "policy": policy, "seed": seed, "optimizer": optimizer}
+                        row.update(measure(model, data, test, runtimes, workdir, f"{name}_{policy}_{seed}_{optimizer}"))
+                        rows.append(row)
+                        print(_line(row), flush=True)
+        if not (args.quick or args.no_densenet):
+            for policy, ii in (("w8a8", True), ("w4a4", True), ("w8a8", False)):
+                model = train_densenet(policy, ii, 0, data)
+                row = {"model": "densenet21", "policy": policy, "integer_intermediates": ii, "seed": 0,
+                       "optimizer": "adam", "schedule": "short: 158 float steps + 79 QAT steps (Adam, batch 64)"}  # fmt: skip
+                row.update(measure(model, data, test, runtimes, workdir, f"densenet21_{policy}_ii{int(ii)}"))
+                rows.append(row)
+                print(_line(row), flush=True)
+    out = Path(args.out)
+    payload = {
+        "what": "int8 TFLite file vs the Keras model it came from (issue 17), per runtime; 1,000 mnist5k test images",
+        "command": "python benchmarks/int8_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "goal": GOAL,
+        "training": "MLPs: create_model(name, quant=policy), 3 epochs, batch 64, 4,000 mnist5k train images; "
+        "calibration x_train[:512]",
+        "seconds": round(time.time() - start, 1),
+        "runs": rows,
+    }
+    write_json(out / "int8_fidelity.json", payload)
+    plot(rows, out / "int8_fidelity.png")
+    print(f"wrote {out / 'int8_fidelity.json'} and .png")
+
+
+def _line(row):
+    parts = [f"{row['model']} {row['policy']}{' ii' if row.get('integer_intermediates') else ''} seed {row['seed']} "
+             f"{row['optimizer']}: grid ceiling {row['output_grid_agreement']:.1f}%"]  # fmt: skip
+    for label, figures in row["runtimes"].items():
+        parts.append(f"{label.split(' ')[0]} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
+    for label, between in row["between_runtimes"].items():
+        parts.append(f"{label.split(' ')[0]} vs first: {between['max_difference']:g} st, {between['identical_outputs']:.1f}% same")
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
