@@ -17,7 +17,6 @@ import pytest
 
 import tfqkd
 from tfqkd._keras import keras
-from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
 from tfqkd.export import float_ops, read_tflite, size_report, to_tflite, weight_codes_per_channel
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export
@@ -28,13 +27,6 @@ from tfqkd.quant.layers import QConv2D, QDense
 # The trained layers of the test models (none is a depthwise conv: DEPTHWISE_CONV_2D ops in
 # these exports are BNs, pools and requantizations of the "speed" layout).
 _WEIGHTED_OPS = ("CONV_2D", "FULLY_CONNECTED")
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    x_train, y_train = load_arrays("mnist5k", "train")
-    x_test, y_test = load_arrays("mnist5k", "test")
-    return x_train, y_train, x_test, y_test
 
 
 def _small_densenet():
@@ -72,11 +64,11 @@ def _train(model, x, y, steps, lr):
 _TRAINED = {}
 
 
-def _trained(name, policy, mnist, integer_intermediates=False):
+def _trained(name, policy, mnist5k, integer_intermediates=False):
     """A float model trained briefly, then quantized and fine-tuned (QAT), cached per module."""
     key = (name, policy, integer_intermediates)
     if key not in _TRAINED:
-        x_train, y_train = mnist[0], mnist[1]
+        x_train, y_train = mnist5k[0], mnist5k[1]
         keras.utils.set_random_seed(0)
         if name == "densenet21":
             # Two epochs of float training, one of QAT (the issue's densenet21 check).
@@ -105,30 +97,30 @@ _PLAIN_LOW_BIT_DENSENET = pytest.mark.xfail(
         pytest.param("densenet21", "w4a4", marks=[pytest.mark.slow, _PLAIN_LOW_BIT_DENSENET]),
     ],
 )
-def test_int8_agrees_with_fake_quant_model(tmp_path, mnist, name, policy):
-    _check_agreement(tmp_path, mnist, name, policy, integer_intermediates=False)
+def test_int8_agrees_with_fake_quant_model(tmp_path, mnist5k, name, policy):
+    _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
-def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist, policy):
+def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist5k, policy):
     """The issue's densenet21 check (measured: w4a4 100.0%, w8a8 99.9% agreement)."""
-    _check_agreement(tmp_path, mnist, "densenet21", policy, integer_intermediates=True)
+    _check_agreement(tmp_path, mnist5k, "densenet21", policy, integer_intermediates=True)
 
 
 @pytest.mark.slow
-def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist):
+def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist5k):
     """The issue's criterion 2 on the full trained densenet21 (its agreement check above is an xfail)."""
-    model = _trained("densenet21", "w4a4", mnist)
-    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist[0][:512], kind="int8")
+    model = _trained("densenet21", "w4a4", mnist5k)
+    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], kind="int8")
     info = read_tflite(result["path"])
     assert float_ops(info) == []
     _check_trained_grid(info, result)
 
 
-def _check_agreement(tmp_path, mnist, name, policy, integer_intermediates):
-    x_train, _, x_test, y_test = mnist
-    model = _trained(name, policy, mnist, integer_intermediates)
+def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates):
+    x_train, _, x_test, y_test = mnist5k
+    model = _trained(name, policy, mnist5k, integer_intermediates)
     out = tmp_path / f"{name}_{policy}.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:512], kind="int8", evaluation=(x_test, y_test))
     report = result["validation"]
@@ -187,9 +179,9 @@ def _check_trained_grid(info, result):
 
 
 @pytest.mark.parametrize("policy", ["w4a4", "w8a8"])
-def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist, policy):
+def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist5k, policy):
     """Structure of the pre-activation DenseNet export (untrained weights; quick)."""
-    x_train = mnist[0]
+    x_train = mnist5k[0]
     keras.utils.set_random_seed(1)
     model = tfqkd.quantize(_small_densenet(), policy, x_train[:128])
     result = to_tflite(model, tmp_path / "d.tflite", calibration_data=x_train[:128])
@@ -208,9 +200,9 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist, policy
         _check_trained_grid(info, result)
 
 
-def test_layouts_compute_the_same_model(tmp_path, mnist):
+def test_layouts_compute_the_same_model(tmp_path, mnist5k):
     """The speed layout's depthwise BNs and pools are the model's arithmetic (float32: to 1e-5)."""
-    x_train, _, x_test, y_test = mnist
+    x_train, _, x_test, y_test = mnist5k
     keras.utils.set_random_seed(2)
     model = _small_densenet()
     rng = np.random.default_rng(0)
@@ -244,7 +236,7 @@ def test_layouts_compute_the_same_model(tmp_path, mnist):
         to_tflite(model, tmp_path / "x.tflite", kind="float32", layout="fastest")
 
 
-def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
+def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
     """quantize(integer_intermediates=True): the int8 file computes the Keras model's codes.
 
     BN inputs are 8-bit learned-step tensors, so each BN -> ReLU -> quantizer is one
@@ -254,7 +246,7 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
     transition) is requantized by a 1x1 DEPTHWISE_CONV_2D too: the converter's int8
     QUANTIZE would run on XNNPACK's 8-bit fixed-point multiplier and move codes.
     """
-    x_train, _, x_test, y_test = mnist
+    x_train, _, x_test, y_test = mnist5k
     keras.utils.set_random_seed(1)
     float_model = _small_densenet()
     plain = tfqkd.quantize(float_model, "w4a4", x_train[:128])
@@ -323,9 +315,9 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist):
         np.testing.assert_array_equal(keras_codes, lite)
 
 
-def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist):
-    x_train, _, x_test, y_test = mnist
-    model = _trained("kl_mlp_student", "w4a4", mnist)
+def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist5k):
+    x_train, _, x_test, y_test = mnist5k
+    model = _trained("kl_mlp_student", "w4a4", mnist5k)
     out = tmp_path / "float_io.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:256], int8_io=False, evaluation=(x_test, y_test))
     info = read_tflite(out)
@@ -338,9 +330,9 @@ def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist):
     assert result["validation"]["agreement"] >= 99.5
 
 
-def test_float_exports_match_keras_model(tmp_path, mnist):
-    _, _, x_test, y_test = mnist
-    model = _trained("kl_mlp_student", "w4a4", mnist)
+def test_float_exports_match_keras_model(tmp_path, mnist5k):
+    _, _, x_test, y_test = mnist5k
+    model = _trained("kl_mlp_student", "w4a4", mnist5k)
     for kind in ("float32", "float16"):
         result = to_tflite(model, tmp_path / f"m_{kind}.tflite", kind=kind, evaluation=(x_test[:300], y_test[:300]))
         assert result["validation"]["agreement"] >= 99.5
@@ -348,8 +340,8 @@ def test_float_exports_match_keras_model(tmp_path, mnist):
     assert half["accuracy_difference"] <= 0.5
 
 
-def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist):
-    x_train = mnist[0]
+def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist5k):
+    x_train = mnist5k[0]
     float_model = tfqkd.create_model("densenet21", num_classes=10, input_shape=(28, 28, 1))
     model = tfqkd.quantize(float_model, "w8a8", x_train[:64])
     # The compact layout (MUL/ADD BNs, AVERAGE_POOL_2D) is the smallest file (measured 0.261);
@@ -362,7 +354,7 @@ def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist):
     assert report["int8_mb"] == pytest.approx(report["parameters"] / 2**20)
     assert report["int4_mb"] == pytest.approx(report["fp32_mb"] / 8)
     assert report["int8_to_float32"] <= 0.27
-    _check_shared_vectors_are_lossless(int8["path"], mnist[2][:64])
+    _check_shared_vectors_are_lossless(int8["path"], mnist5k[2][:64])
 
 
 def _check_shared_vectors_are_lossless(path, x):
@@ -386,19 +378,19 @@ def _check_shared_vectors_are_lossless(path, x):
     np.testing.assert_array_equal(*outputs)
 
 
-def test_existing_output_needs_force(tmp_path, mnist):
-    model = _trained("kl_mlp_student", "w8a8", mnist)
+def test_existing_output_needs_force(tmp_path, mnist5k):
+    model = _trained("kl_mlp_student", "w8a8", mnist5k)
     out = tmp_path / "m.tflite"
     out.write_bytes(b"keep me")
     with pytest.raises(TfqkdError, match="exists"):
-        to_tflite(model, out, calibration_data=mnist[0][:64])
+        to_tflite(model, out, calibration_data=mnist5k[0][:64])
     assert out.read_bytes() == b"keep me"
-    to_tflite(model, out, calibration_data=mnist[0][:64], force=True)
+    to_tflite(model, out, calibration_data=mnist5k[0][:64], force=True)
     assert out.read_bytes()[4:8] == b"TFL3"
 
 
-def test_failed_export_leaves_nothing(tmp_path, mnist):
-    model = _trained("kl_mlp_student", "w8a8", mnist)
+def test_failed_export_leaves_nothing(tmp_path, mnist5k):
+    model = _trained("kl_mlp_student", "w8a8", mnist5k)
     out = tmp_path / "bad.tflite"
     with pytest.raises(TfqkdError, match="calibration data has shape"):
         to_tflite(model, out, calibration_data=np.zeros((4, 8, 8, 1), np.float32))
@@ -407,20 +399,20 @@ def test_failed_export_leaves_nothing(tmp_path, mnist):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_asymmetric_8bit_affine_weights_are_refused(tmp_path, mnist):
+def test_asymmetric_8bit_affine_weights_are_refused(tmp_path, mnist5k):
     float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
     # Shift the first kernel so its range is lopsided: the zero point moves the codes beyond +-127.
     kernel, bias = float_model.get_layer("hidden1_dense").get_weights()
     float_model.get_layer("hidden1_dense").set_weights([kernel + 0.5 * np.abs(kernel).max(), bias])
-    model = tfqkd.quantize(float_model, "thesis8", mnist[0][:64])
+    model = tfqkd.quantize(float_model, "thesis8", mnist5k[0][:64])
     with pytest.raises(TfqkdError, match="symmetric int8"):
-        to_tflite(model, tmp_path / "a.tflite", calibration_data=mnist[0][:64])
+        to_tflite(model, tmp_path / "a.tflite", calibration_data=mnist5k[0][:64])
     assert list(tmp_path.iterdir()) == []
 
 
-def _lambda_model_file(tmp_path, mnist):
+def _lambda_model_file(tmp_path, mnist5k):
     float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
-    model = tfqkd.quantize(float_model, "w8a8", mnist[0][:64])
+    model = tfqkd.quantize(float_model, "w8a8", mnist5k[0][:64])
     inputs = keras.Input((28, 28, 1), name="input")
     scaled = keras.layers.Lambda(lambda t: t * 1.0, name="scale")(inputs)
     wrapped = keras.Model(inputs, model(scaled), name="wrapped")
@@ -438,8 +430,8 @@ def _export_args(source, out, *extra):
     return parser.parse_args([str(source), "--out", str(out), *extra])
 
 
-def test_lambda_model_file_is_refused_unless_unsafe(tmp_path, mnist):
-    path = _lambda_model_file(tmp_path, mnist)
+def test_lambda_model_file_is_refused_unless_unsafe(tmp_path, mnist5k):
+    path = _lambda_model_file(tmp_path, mnist5k)
     with h5py.File(path, "r") as handle:
         assert "Lambda" in str(handle.attrs["model_config"])
     out = tmp_path / "out"
@@ -448,10 +440,10 @@ def test_lambda_model_file_is_refused_unless_unsafe(tmp_path, mnist):
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_command_exports_run_directory(tmp_path, mnist, capsys):
+def test_command_exports_run_directory(tmp_path, mnist5k, capsys):
     keras.utils.set_random_seed(0)  # independent of the tests run before it
     float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
-    model = _train(tfqkd.quantize(_train(float_model, mnist[0], mnist[1], 120, 2e-3), "w4a4", mnist[0][:256]), mnist[0], mnist[1], 60, 2e-4)
+    model = _train(tfqkd.quantize(_train(float_model, mnist5k[0], mnist5k[1], 120, 2e-3), "w4a4", mnist5k[0][:256]), mnist5k[0], mnist5k[1], 60, 2e-4)
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
     model.save(run / "models" / "student_ss.h5")

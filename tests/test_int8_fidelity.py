@@ -20,7 +20,6 @@ import pytest
 
 import tfqkd
 from tfqkd._keras import keras
-from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
 from tfqkd.export import to_tflite
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export
@@ -28,22 +27,17 @@ from tfqkd.export.runtimes import Runtime, RuntimeUnavailable, parse_runtimes, r
 from tfqkd.export.validate import quantize_inputs
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    return (*load_arrays("mnist5k", "train"), *load_arrays("mnist5k", "test"))
-
-
 _MODELS = {}
 
 
-def _user_model(mnist, policy="w4a4", optimizer="adam", seed=0, name="kl_mlp_student"):
+def _user_model(mnist5k, policy="w4a4", optimizer="adam", seed=0, name="kl_mlp_student"):
     key = (name, policy, optimizer, seed)
     if key not in _MODELS:
         keras.utils.set_random_seed(seed)
         model = tfqkd.create_model(name, quant=policy)
         opt = keras.optimizers.Adam(1e-3) if optimizer == "adam" else keras.optimizers.SGD(0.05, momentum=0.9)
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(mnist[0], mnist[1], batch_size=64, epochs=3, verbose=0)
+        model.fit(mnist5k[0], mnist5k[1], batch_size=64, epochs=3, verbose=0)
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -75,10 +69,10 @@ def _keras_steps(model, x, path):
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path, mnist, optimizer):
+def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path, mnist5k, optimizer):
     """Hidden 4-bit codes exact on both kinds of kernels; logits within one output step."""
-    x_train, _, x_test, y_test = mnist
-    model = _user_model(mnist, "w4a4", optimizer)
+    x_train, _, x_test, y_test = mnist5k
+    model = _user_model(mnist5k, "w4a4", optimizer)
     path = tmp_path / "mlp.tflite"
     result = to_tflite(model, path, calibration_data=x_train[:512], evaluation=(x_test, y_test), runtimes="litert")
     report = result["validation"]
@@ -105,9 +99,9 @@ def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path,
     assert int(np.sum(lite_codes != keras_codes)) <= 3  # measured 0 of 300,000
 
 
-def test_validation_reports_each_runtime_and_one_line_for_a_missing_one(tmp_path, mnist, capsys):
-    x_train, _, x_test, y_test = mnist
-    model = _user_model(mnist, "w4a4", "adam")
+def test_validation_reports_each_runtime_and_one_line_for_a_missing_one(tmp_path, mnist5k, capsys):
+    x_train, _, x_test, y_test = mnist5k
+    model = _user_model(mnist5k, "w4a4", "adam")
     model_file = tmp_path / "student.h5"
     model.save(model_file)
     import argparse
@@ -167,15 +161,15 @@ def _tflite_runtime_214():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["w4a4", "w8a8"])
-def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist, policy):
+def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist5k, policy):
     """The same file on tflite-runtime 2.14 (numpy<2 venv) and on LiteRT: both close to Keras and to each other.
 
     Measured (kl_mlp_student, Adam, seed 0): w4a4 0.87 / 0.62 output steps from Keras, at most 1 step
     between the runtimes, 99.1% identical outputs (before the fix: 3.6 / 2.6 steps, 4 steps, 65%).
     """
     python = _tflite_runtime_214()
-    x_train, _, x_test, y_test = mnist
-    model = _user_model(mnist, policy, "adam")
+    x_train, _, x_test, y_test = mnist5k
+    model = _user_model(mnist5k, policy, "adam")
     path = tmp_path / "mlp.tflite"
     result = to_tflite(model, path, calibration_data=x_train[:512], evaluation=(x_test, y_test),
                        runtimes=f"litert,tflite-runtime={python}")  # fmt: skip
