@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import tfqkd.data as data
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.analysis.hakd import (
     Candidate,
     PSMACBackend,

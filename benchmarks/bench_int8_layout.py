@@ -32,7 +32,7 @@ from pathlib import Path
 import tfqkd  # noqa: F401  isort: skip  (selects Keras 2 before TensorFlow)
 import numpy as np
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.bench.convert import convert
 from tfqkd.bench.latency import sweep, tflite_backend
 from tfqkd import atomic

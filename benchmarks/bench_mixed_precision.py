@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 import tfqkd.data as data
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.analysis.mixed_precision import (
     bits_cost,
     evaluate_accuracy,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.atomic import write_text
 from tfqkd.bench.step_timer import StepTimer
 from tfqkd.distill import QKD

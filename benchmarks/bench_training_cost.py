@@ -34,7 +34,7 @@ from pathlib import Path
 import tfqkd  # noqa: F401  isort: skip
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd import atomic
 from tfqkd.bench.report import write_json
 from tfqkd.bench.step_timer import StepTimer

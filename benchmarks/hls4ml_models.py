@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.atomic import write_text
 from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError

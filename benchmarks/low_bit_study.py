@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd import atomic
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.data import load_arrays
 from tfqkd.distill import QKD, precompute_teacher_logits
 from tfqkd.models import create_model

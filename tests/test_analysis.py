@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.analysis import hakd, layerwise, mixed_precision, psmac
 from tfqkd.errors import TfqkdError
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.dpu import performance as D
 from tfqkd.bench.command import add_bench_arguments, resolve_target, run_bench
 from tfqkd.bench.latency import Backend, Measurement, energy_per_image, summarize, sweep

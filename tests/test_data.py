@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tfqkd.data as data
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 from tfqkd.data import bundled
 from tfqkd.errors import TfqkdError
 

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.distill import PHASES, QKD, kd_loss, precompute_teacher_logits
 from tfqkd.errors import TfqkdError
 
@@ -375,7 +375,7 @@ def test_fit_with_checkpoint_early_stopping_and_tensorboard(tmp_path):
 _MIRRORED_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from tfqkd._keras import keras, tf
+    from tfqkd.compat import keras, tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from tfqkd.distill import QKD, precompute_teacher_logits

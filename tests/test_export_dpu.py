@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.data import load_arrays
 from tfqkd.errors import TfqkdError
 from tfqkd.dpu import avgpool_factor, check_model, fold_batchnorm, quantize_for_dpu

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.cli import main
 from tfqkd.export.qkeras import to_qkeras
 

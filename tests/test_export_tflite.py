@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export import float_ops, read_tflite, size_report, to_tflite, weight_codes_per_channel
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export import to_tflite
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export

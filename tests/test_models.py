@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.models import (
     count_macs,

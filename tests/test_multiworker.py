@@ -29,7 +29,7 @@ _WORKER = """
 import json, sys
 import numpy as np
 import tfqkd
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.training import make_sgd, make_strategy, shard_by_data
 
 mode, out, steps, global_batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

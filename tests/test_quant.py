@@ -11,7 +11,7 @@ import pytest
 import qkeras  # after tfqkd (conftest), which selects Keras 2
 
 import tfqkd
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant import (
     AffineQuantizer,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model, read_model_config, scan_model_config
 from tfqkd.training import DivergenceGuard, check

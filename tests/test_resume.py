@@ -20,7 +20,7 @@ import pytest
 
 import tfqkd
 import tfqkd.data as data
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.training import make_sgd
 from tfqkd.training.checkpoint import (

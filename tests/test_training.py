@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.training import TorchSGD, WarmupMultiStep, make_sgd
 

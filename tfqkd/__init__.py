@@ -8,7 +8,7 @@ Typical use (thesis Algorithm 1; docs/architecture.md)::
 """
 
 # Must come first: selects Keras 2 before anything imports TensorFlow.
-from tfqkd import _keras  # noqa: F401  isort: skip
+from tfqkd import compat  # noqa: F401  isort: skip
 
 from tfqkd.distill import QKD, kd_loss, precompute_teacher_logits
 from tfqkd.errors import TfqkdError

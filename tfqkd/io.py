@@ -27,7 +27,7 @@ from pathlib import Path
 
 import h5py
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.quant import custom_objects, model_quantizers
 

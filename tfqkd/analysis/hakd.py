@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.plotting import pyplot, save_figure
 

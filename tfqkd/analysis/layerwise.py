@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.plotting import pyplot, save_figure

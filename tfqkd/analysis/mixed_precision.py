@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [

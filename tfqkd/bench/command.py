@@ -92,7 +92,7 @@ def add_bench_arguments(parser):
 
 
 def _set_tf_threads(threads):
-    from tfqkd._keras import tf
+    from tfqkd.compat import tf
 
     if threads is None:
         return

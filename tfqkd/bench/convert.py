@@ -11,7 +11,7 @@ trained quantized model.
 
 import numpy as np
 
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 from tfqkd.errors import TfqkdError
 
 __all__ = ["KINDS", "convert", "exporter_available"]

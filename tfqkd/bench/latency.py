@@ -100,7 +100,7 @@ def tflite_backend(name, label, model_content, *, num_threads=None, xnnpack=True
 
 def keras_backend(name, label, model, *, info=None):
     """A backend running the Keras model in TensorFlow (one traced function per batch size)."""
-    from tfqkd._keras import tf
+    from tfqkd.compat import tf
 
     shape = [int(d) for d in model.input_shape[1:]]
 

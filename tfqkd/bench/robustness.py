@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.models import create_model
 from tfqkd.quant import model_quantizers
 from tfqkd.training.guard import chance_accuracy_ceiling

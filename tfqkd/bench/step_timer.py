@@ -2,7 +2,7 @@
 
 import time
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 
 __all__ = ["StepTimer"]
 

@@ -16,7 +16,7 @@ element and per epoch.
 
 import math
 
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 from tfqkd.errors import TfqkdError
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 
 __all__ = ["take_inputs"]
 

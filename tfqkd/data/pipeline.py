@@ -10,7 +10,7 @@ uses to look teacher outputs up in a precomputed cache.
 
 import numpy as np
 
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 from tfqkd.data.augment import resolve_augment
 from tfqkd.data.bundled import bundled_arrays
 from tfqkd.data.registry import dataset_info

@@ -9,7 +9,7 @@ bundled offline sets.
 
 import numpy as np
 
-from tfqkd._keras import tf  # noqa: F401  (selects Keras 2 before tfds imports TensorFlow)
+from tfqkd.compat import tf  # noqa: F401  (selects Keras 2 before tfds imports TensorFlow)
 from tfqkd.errors import TfqkdError
 
 __all__ = ["tfds_dataset", "tfds_arrays", "default_data_dir"]

@@ -18,7 +18,7 @@ minimises ``kd_loss(student, teacher, y)`` and the teacher minimises
 ``kd_loss(teacher, student, y)``; in both the tutor's logits are constants.
 """
 
-from tfqkd._keras import tf
+from tfqkd.compat import tf
 from tfqkd.errors import TfqkdError
 
 __all__ = ["kd_loss", "validate_kd_hparams"]

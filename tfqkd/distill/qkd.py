@@ -24,7 +24,7 @@ low-bit student in three phases, each its own ``compile``/``fit`` stage:
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.distill.losses import kd_loss, validate_kd_hparams
 from tfqkd.errors import TfqkdError
 

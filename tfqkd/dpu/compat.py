@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import AVGPOOL_FACTORS, LEAKY_ALPHAS, has_avgpool_factor
 from tfqkd.dpu.graph import consumer_map, inbound_names, pair
 from tfqkd.errors import TfqkdError

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import codes
 from tfqkd.dpu.layers import DPUAveragePooling2D, DPUQuantizer
 from tfqkd.errors import TfqkdError

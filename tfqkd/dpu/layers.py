@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import qkeras
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.dpu.arithmetic import QMAX, QMIN, avgpool_factor, non_overflow_pos
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.grid import Grid

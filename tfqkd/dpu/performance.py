@@ -43,7 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [

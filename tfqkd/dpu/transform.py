@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import DPU_LEAKY_ALPHA
 from tfqkd.dpu.compat import check_model
 from tfqkd.dpu.graph import WEIGHTED_OPS, consumer_map, graph_from_dpu_model, inbound_names

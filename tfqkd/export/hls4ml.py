@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd import atomic
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.qkeras import stock_qkeras_model
 from tfqkd.export.validate import compare_logits

@@ -53,7 +53,7 @@ the first three blocks, < 0.5% in the last).
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tfqkd import atomic
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.validate import compare_logits
 from tfqkd.quant.layers import QActivation, config_key, layer_quantizers, quantized_layer_classes, weight_quantizers

@@ -85,7 +85,7 @@ def interpreter_class(name=None):
         elif name == "tflite-runtime":
             from tflite_runtime.interpreter import Interpreter, OpResolverType
         else:
-            from tfqkd._keras import tf
+            from tfqkd.compat import tf
 
             Interpreter = tf.lite.Interpreter
             OpResolverType = getattr(tf.lite.experimental, "OpResolverType", None)

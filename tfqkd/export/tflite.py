@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd import atomic
 from tfqkd.data.examples import take_inputs
 from tfqkd.errors import TfqkdError

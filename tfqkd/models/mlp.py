@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.models.registry import register_model
 
 __all__ = ["MLP_WIDTHS", "build_mlp"]

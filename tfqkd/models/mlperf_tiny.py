@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.models._checks import require_image_shape, require_vector_shape
 from tfqkd.models.registry import register_model
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.models._checks import require_image_shape
 from tfqkd.models.registry import register_model

@@ -19,7 +19,7 @@ import contextlib
 
 import qkeras
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
 
 __all__ = [

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import qkeras
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.grid import Grid
 

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, quantized_layer_classes, weight_quantizers
 from tfqkd.quant.policy import (

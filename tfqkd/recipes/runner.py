@@ -31,7 +31,7 @@ import yaml
 
 import tfqkd.data as data
 from tfqkd import atomic
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.distill import QKD, precompute_teacher_logits
 from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model

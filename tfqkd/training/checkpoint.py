@@ -40,7 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 
 __all__ = [

@@ -24,7 +24,7 @@ kernels and single-threaded inter-op scheduling (see
 import json
 import os
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 
 __all__ = ["STRATEGIES", "enable_determinism", "is_chief", "make_strategy", "shard_by_data", "worker_count"]

@@ -35,7 +35,7 @@ import sys
 
 import numpy as np
 
-from tfqkd._keras import keras
+from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = ["DeadRunAlarm", "DivergenceGuard", "chance_accuracy_ceiling", "check", "is_dead_epoch"]

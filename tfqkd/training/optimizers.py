@@ -22,7 +22,7 @@ two ways that change the trajectory:
 
 import numbers
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 
 __all__ = ["TorchSGD", "make_sgd"]

@@ -8,7 +8,7 @@ at each milestone epoch (DenseNet baselines: lr 0.1, warmup 2, ÷5 at
 
 import numbers
 
-from tfqkd._keras import keras, tf
+from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 
 __all__ = ["WarmupMultiStep"]
