@@ -33,10 +33,6 @@ ALIASES = {
     "tfqkd.bench.dpu_model": ("tfqkd.dpu.performance", "estimate"),
 }
 
-#: Cycles that only close through imports inside functions and are not removed yet:
-#: ``export.validate`` takes ``atomic_write`` from ``export.tflite``, which calls
-#: ``validate_tflite`` (issue 15, item 3: one module for atomic writes).
-KNOWN_FUNCTION_LEVEL_CYCLES = [{"tfqkd.export.tflite", "tfqkd.export.validate"}]
 
 #: Packages whose code imports no tfqkd module inside a function.
 NO_FUNCTION_LEVEL_IMPORTS = ("tfqkd.dpu", "tfqkd.quant", "tfqkd.export.dpu")
@@ -165,9 +161,8 @@ def test_no_import_cycle_at_module_level():
     assert _cycles(_graph(inside_functions=False)) == []
 
 
-def test_no_new_cycle_through_imports_inside_functions():
-    cycles = _cycles(_graph(inside_functions=True))
-    assert [c for c in cycles if c not in KNOWN_FUNCTION_LEVEL_CYCLES] == []
+def test_no_cycle_through_imports_inside_functions_either():
+    assert _cycles(_graph(inside_functions=True)) == []
 
 
 def test_lower_layers_do_not_import_upper_layers():

@@ -52,8 +52,16 @@ def replacing(path, fsync=False):
             tmp.unlink()
 
 
-def write_bytes(path, data):
-    """Writes ``data`` (bytes) to ``path`` atomically; returns the ``Path``."""
+def write_bytes(path, data, *, force=True):
+    """Writes ``data`` (bytes) to ``path`` atomically; returns the ``Path``.
+
+    Args:
+      path: the file.
+      data: bytes.
+      force: replace an existing file; False refuses with a one-line :class:`~tfqkd.errors.TfqkdError`.
+    """
+    if not force and Path(path).exists():
+        raise TfqkdError(f"{path} exists; pass --force (force=True) to overwrite it")
     with replacing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)

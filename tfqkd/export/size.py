@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfqkd.export.tflite import atomic_write
+from tfqkd import atomic
 from tfqkd.quant.quantizers import quantizer_state_suffixes
 
 __all__ = ["count_parameters", "size_report", "write_size_report"]
@@ -74,4 +74,4 @@ def size_report(model, files=None):
 
 def write_size_report(report, path, *, force=True):
     """Writes a size report as JSON (atomically) and returns the path."""
-    return atomic_write(path, (json.dumps(report, indent=2) + "\n").encode(), force=force)
+    return atomic.write_bytes(path, (json.dumps(report, indent=2) + "\n").encode(), force=force)

@@ -20,7 +20,7 @@ from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
 from tfqkd.export.integer_graph import IntegerGraph
 
-__all__ = ["KINDS", "atomic_write", "calibration_batches", "convert", "to_tflite"]
+__all__ = ["KINDS", "calibration_batches", "convert", "to_tflite"]
 
 #: Export kinds: the integer model and the two float references.
 KINDS = ("int8", "float32", "float16")
@@ -128,27 +128,6 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
     return compact_tflite(data), graph
 
 
-def atomic_write(path, data, *, force=False):
-    """Writes bytes via a temporary file in the same directory and a rename.
-
-    Args:
-      path: destination.
-      data: bytes, or a callable returning bytes (run before anything is
-        written, so a failure leaves nothing behind).
-      force: replace an existing file.
-
-    Returns:
-      the destination ``Path``.
-
-    Raises:
-      TfqkdError: the destination exists and ``force`` is False.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise TfqkdError(f"{path} exists; pass --force (force=True) to overwrite it")
-    return atomic.write_bytes(path, data() if callable(data) else data)
-
-
 def to_tflite(
     model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
     layout="speed", runtimes=None,
@@ -198,7 +177,7 @@ def to_tflite(
     data, graph = convert(
         model, calibration_data=calibration_data, kind=kind, int8_io=int8_io, unsafe=unsafe, layout=layout
     )
-    atomic_write(out_path, data, force=force)
+    atomic.write_bytes(out_path, data, force=force)
     result = {
         "path": str(out_path),
         "kind": kind,

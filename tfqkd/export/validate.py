@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.export.inspect import load_interpreter
 from tfqkd.export.runtimes import RuntimeUnavailable, parse_runtimes, run_codes
@@ -98,7 +99,6 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
     Raises:
       TfqkdError: malformed evaluation data, or none of the runtimes is installed.
     """
-    from tfqkd.export.tflite import atomic_write
 
     try:
         x, y = evaluation
@@ -146,7 +146,7 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
             if label != first
         }
     report_path = Path(report_path) if report_path else model_path.with_name(model_path.name + ".validation.json")
-    atomic_write(report_path, (json.dumps(report, indent=2) + "\n").encode(), force=force)
+    atomic.write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode(), force=force)
     report["report"] = str(report_path)
     return report
 
