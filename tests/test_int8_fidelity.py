@@ -182,3 +182,13 @@ def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist5k, polic
         assert figures["agreement"] >= 99.3, report
     between = report["between_runtimes"][f"tflite-runtime ({python})"]
     assert between["max_difference"] <= 1 and between["identical_outputs"] >= 98.0, between
+
+
+def test_one_input_quantization_rounds_half_away_from_zero_like_tflite():
+    """The validator and the hardware-aware analysis feed int8 inputs through the same function."""
+    import tfqkd.analysis.hakd as hakd
+
+    detail = {"dtype": np.int8, "quantization": (0.5, 0)}
+    codes = quantize_inputs(np.array([0.25, -0.25, 0.75, -0.75, 1.25, 100.0], np.float32), detail)
+    np.testing.assert_array_equal(codes, [1, -1, 2, -2, 3, 127])  # np.round would give 0, -0, 2, -2, 2
+    assert hakd.quantize_inputs is quantize_inputs

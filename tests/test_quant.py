@@ -582,3 +582,17 @@ def test_a_quantizer_rebuilt_from_its_config_computes_what_its_layer_computes():
         np.testing.assert_array_equal(rebuilt(x).numpy(), quantizer(x, training=False).numpy())
     with pytest.raises(TfqkdError, match="has no state"):
         LearnedStepQuantizer(4)(x)  # never bound nor saved: no trained state to use
+
+
+@pytest.mark.parametrize("name", ["kl_mlp_student", "resnet8", "densenet21"])
+def test_quantizing_adds_no_parameters_by_either_count(name):
+    """models.count_params and export.count_parameters agree: quantizer state is not a parameter."""
+    from tfqkd.export import count_parameters
+    from tfqkd.models import count_params
+
+    float_model = tfqkd.create_model(name, num_classes=10)
+    quantized = quantize(float_model, "w4a4")
+    state = sum(len(q.state_variables()) for _, _, q in tfqkd.quant.model_quantizers(quantized))
+    assert count_params(quantized) == count_params(float_model) + state  # every weight, steps included
+    assert count_parameters(quantized) == count_parameters(float_model) == count_params(float_model)
+    assert count_params(quantized, exclude_suffixes=tfqkd.quant.quantizers.quantizer_state_suffixes()) == count_params(float_model)

@@ -29,6 +29,7 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.export.validate import quantize_inputs, run_tflite
 from tfqkd.plotting import pyplot, save_figure
 
 __all__ = [
@@ -146,38 +147,10 @@ def _interpreter(path, threads=1):
     return interpreter
 
 
-def _set_input(interpreter, x):
-    detail = interpreter.get_input_details()[0]
-    x = np.asarray(x, np.float32)
-    if detail["dtype"] in (np.int8, np.uint8):
-        scale, zero = detail["quantization"]
-        info = np.iinfo(detail["dtype"])
-        x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-    interpreter.set_tensor(detail["index"], x)
-
-
-def _get_output(interpreter):
-    detail = interpreter.get_output_details()[0]
-    out = interpreter.get_tensor(detail["index"])
-    if detail["dtype"] in (np.int8, np.uint8):
-        scale, zero = detail["quantization"]
-        out = (out.astype(np.float32) - zero) * scale
-    return out
-
-
 def tflite_accuracy(path, x, y, batch_size=100):
-    """Top-1 accuracy (percent) of a .tflite classifier on arrays."""
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=1)
-    index = interpreter.get_input_details()[0]["index"]
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size]
-        interpreter.resize_tensor_input(index, [len(xb), *x.shape[1:]])
-        interpreter.allocate_tensors()
-        _set_input(interpreter, xb)
-        interpreter.invoke()
-        correct += int(np.sum(np.argmax(_get_output(interpreter), axis=-1) == np.asarray(y[start : start + batch_size])))
-    return 100.0 * correct / len(x)
+    """Top-1 accuracy (percent) of a .tflite classifier on arrays (TensorFlow's interpreter, as the timing)."""
+    outputs, _ = run_tflite(path, x, batch_size, runtime="tensorflow")
+    return 100.0 * float(np.mean(np.argmax(outputs, axis=-1) == np.asarray(y)))
 
 
 @dataclasses.dataclass
@@ -210,7 +183,8 @@ class TFLiteBackend:
         workdir.mkdir(parents=True, exist_ok=True)
         path, converter = convert_tflite_int8(model, workdir / f"{label}.tflite", self.calibration)
         interpreter = _interpreter(path, self.threads)
-        _set_input(interpreter, np.asarray(self.calibration[:1], np.float32))
+        detail = interpreter.get_input_details()[0]
+        interpreter.set_tensor(detail["index"], quantize_inputs(self.calibration[:1], detail))
         for _ in range(self.warmup):
             interpreter.invoke()
         times = []

@@ -8,9 +8,9 @@ real sizes of the exported files.
 import json
 from pathlib import Path
 
-import numpy as np
 
 from tfqkd import atomic
+from tfqkd.models.summary import count_params
 from tfqkd.quant.quantizers import quantizer_state_suffixes
 
 __all__ = ["count_parameters", "size_report", "write_size_report"]
@@ -18,7 +18,8 @@ __all__ = ["count_parameters", "size_report", "write_size_report"]
 
 
 def count_parameters(model):
-    """Trainable parameters, excluding quantizer state (steps, ranges).
+    """Trainable parameters, excluding quantizer state (steps, ranges): a quantized model has the
+    parameters of its float model.
 
     Args:
       model: a Keras model (float or quantized).
@@ -27,14 +28,7 @@ def count_parameters(model):
       int. BN counts gamma and beta (its moving statistics are not trainable),
       as in the thesis's table 5.8.
     """
-    total = 0
-    state = quantizer_state_suffixes()  # learned steps, running ranges, DPU positions: not parameters
-    for weight in model.trainable_weights:
-        name = weight.name.split(":")[0]
-        if name.endswith(state):
-            continue
-        total += int(np.prod(weight.shape))
-    return total
+    return count_params(model, exclude_suffixes=quantizer_state_suffixes())
 
 
 def _mb(parameters, bits):

@@ -31,7 +31,7 @@ class ModelRow(NamedTuple):
     macs: int
 
 
-def count_params(model: keras.Model, trainable_only: bool = True) -> int:
+def count_params(model: keras.Model, trainable_only: bool = True, exclude_suffixes: Tuple[str, ...] = ()) -> int:
     """Counts the parameters of a model.
 
     Args:
@@ -39,6 +39,8 @@ def count_params(model: keras.Model, trainable_only: bool = True) -> int:
         trainable_only: Count only trainable weights (the convention of the thesis's table 5.8
             and of PyTorch: BN gamma/beta count, BN moving statistics do not). With ``False``
             every weight counts, as in Keras' ``model.count_params()``.
+        exclude_suffixes: weight-name endings not to count (``tfqkd.export.count_parameters``
+            passes the quantizers' state: learned steps and ranges are not parameters).
 
     Returns:
         Number of scalar parameters.
@@ -46,7 +48,8 @@ def count_params(model: keras.Model, trainable_only: bool = True) -> int:
     weights = model.trainable_weights if trainable_only else model.weights
     # Shared variables (e.g. a layer used twice) must be counted once.
     unique = {id(w): w for w in weights}.values()
-    return int(sum(math.prod(int(d) for d in w.shape) for w in unique))
+    counted = [w for w in unique if not w.name.split(":")[0].endswith(tuple(exclude_suffixes))]
+    return int(sum(math.prod(int(d) for d in w.shape) for w in counted))
 
 
 def _static_shape(model_name: str, layer: layers.Layer, tensor) -> Tuple[int, ...]:
