@@ -24,13 +24,12 @@ fake-quant nodes whose 8-bit grid *contains* the trained grid:
   ``2**b`` trained codes.
 
 Where a weighted layer's output is rounded onto a trained grid, the int32 bias
-and a power of the stored codes are fitted to that grid (``_WeightedPoint.tune``):
-a plain conversion rounds the bias to ``input step * weight step`` and TFLite's
-built-in kernels requantize with two roundings (gemmlowp), which together moved
-~0.1% of the hidden 4-bit codes of a kl_mlp_student and 3 output steps of its
-logits; the fitted file computes the Keras model's hidden codes exactly in
-integer arithmetic where a bias can (all thresholds of 4-bit outputs but a few
-in a hundred channels) and on both XNNPACK and the built-in kernels.
+and a power of the stored codes are fitted to that grid
+(:meth:`tfqkd.export.integer_points.WeightedPoint.tune`): the file computes the
+Keras model's hidden codes exactly in integer arithmetic where a bias can (all
+thresholds of 4-bit outputs but a few in a hundred channels) and on both XNNPACK
+and the built-in kernels. What each point computes lives in
+:mod:`tfqkd.export.integer_points`; this module lowers the graph.
 
 Tensors the trained model keeps in float (BatchNormalization, Add,
 Concatenate, pooling and logits) get 8-bit scales from the converter's
@@ -55,515 +54,25 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.export.integer_points import (
+    OUTPUT_MARGIN, ActivationPoint, ChannelAffine, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
+    channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
+)  # fmt: skip
 from tfqkd.io import UNSAFE_LAYER_TYPES
-from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
 from tfqkd.quant.grid import Grid
-from tfqkd.quant.quantizers import AffineQuantizer, TfqkdQuantizer
+from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
+from tfqkd.quant.quantizers import TfqkdQuantizer
 
 __all__ = ["LAYOUTS", "Grid", "IntegerGraph", "activation_grid", "weight_codes"]
 
-# Largest magnitude of a TFLite int8 weight code: weights are symmetric narrow-range [-127, 127].
-_WEIGHT_CODE_MAX = 127
-_FOLDABLE_PRODUCERS = (QConv2D,)
 #: Graph layouts. "speed": every unfolded BatchNormalization and every valid
 #: average pool becomes a DEPTHWISE_CONV_2D (int8 MUL/ADD and AVERAGE_POOL_2D
 #: run 1.3-23x slower than their float versions under XNNPACK on x86, which
 #: runs int8 depthwise convs well); "compact": the converter's MUL/ADD and
 #: AVERAGE_POOL_2D, a smaller file (no per-channel parameters for the BNs).
 LAYOUTS = ("speed", "compact")
-# Integer bias offsets (in int32 bias steps) tried around the ideal bias of an exact requantization.
-_BIAS_SEARCH = np.arange(-256, 257, dtype=np.float64)
-# Widening of the calibrated logit range, as a fraction of its span.
-_OUTPUT_MARGIN = 0.1
-# For outputs of at most 16 codes: how much more a threshold missed by exact integer arithmetic
-# counts than one missed only by gemmlowp's two roundings (see _fit_bias).
-_EXACT_WEIGHT = 4.0
 
-
-def activation_grid(quantizer, layer_name):
-    """The trained grid of an activation quantizer (its state after training).
-
-    Args:
-      quantizer: a tfqkd quantizer held by a QActivation.
-      layer_name: for error messages.
-
-    Returns:
-      a :class:`Grid`.
-
-    Raises:
-      TfqkdError: quantizers that cannot be expressed as one int8 tensor.
-    """
-    if not isinstance(quantizer, TfqkdQuantizer):
-        raise TfqkdError(f"layer '{layer_name}': unsupported activation quantizer {type(quantizer).__name__}")
-    grid = quantizer.grid()  # TfqkdError when the scale follows each batch (no running statistics)
-    if grid.levels > 256:
-        raise TfqkdError(
-            f"layer '{layer_name}': {quantizer.bits}-bit activations do not fit an int8 TFLite tensor (at most 8 bits)"
-        )
-    return grid
-
-
-def weight_codes(quantizer, weight, layer_name):
-    """The integer codes and step of a fake-quantized weight tensor.
-
-    Args:
-      quantizer: the layer's tfqkd weight quantizer.
-      weight: the float weight variable.
-      layer_name: for error messages.
-
-    Returns:
-      ``(codes, scale)``: int32 array with ``codes * scale`` equal to the
-      quantizer's output, and the float step. The codes are the trained
-      codes shifted by the zero point, so they fit TFLite's symmetric weights.
-
-    Raises:
-      TfqkdError: when the trained codes cannot be stored as symmetric int8
-        weights (asymmetric 8-bit weights whose shifted codes exceed +-127).
-    """
-    if not isinstance(quantizer, TfqkdQuantizer):
-        raise TfqkdError(f"layer '{layer_name}': unsupported weight quantizer {type(quantizer).__name__}")
-    fake = quantizer(tf.convert_to_tensor(weight), training=False).numpy().astype(np.float64)
-    scale = quantizer.grid(np.asarray(weight, dtype=np.float32)).scale
-    codes = np.rint(fake / scale)
-    if np.max(np.abs(fake - codes * scale), initial=0.0) > 1e-3 * scale:
-        raise TfqkdError(f"layer '{layer_name}': fake-quantized weights are not on the grid of step {scale:g}")
-    worst = int(np.max(np.abs(codes), initial=0))
-    if worst > _WEIGHT_CODE_MAX:
-        hint = (
-            " (asymmetric affine weights: their zero point shifts the codes; use the 'lsq' kind or 4-bit affine weights)"
-            if isinstance(quantizer, AffineQuantizer)
-            else " (use a narrow-range weight quantizer)"
-        )
-        raise TfqkdError(
-            f"layer '{layer_name}': weight codes reach {worst}, outside TFLite's symmetric int8 range "
-            f"[-127, 127]{hint}"
-        )
-    return codes.astype(np.int32), scale
-
-
-def _fake_quant(x, low, high, narrow_range=False):
-    return tf.quantization.fake_quant_with_min_max_vars(x, min=low, max=high, num_bits=8, narrow_range=narrow_range)
-
-
-class _ActivationPoint:
-    """An activation quantizer as fake-quant nodes (or, for float export, as float arithmetic)."""
-
-    def __init__(self, grid):
-        self.grid = grid
-        low, high, _ = grid.int8_window()
-        s = grid.scale
-        self.window = (np.float32(low * s), np.float32(high * s))
-        lo_code, hi_code = grid.qmin - grid.zero, grid.qmax - grid.zero
-        self.clip_low = np.float32(lo_code * s) if lo_code > low else None
-        self.clip_high = np.float32(hi_code * s) if hi_code < high else None
-
-    def integer(self, x):
-        low, high = self.window
-        x = _fake_quant(x, low, high)
-        if self.clip_low is None and self.clip_high is None:
-            return x
-        # Clip on the int8 grid, then pin the result to the same grid again so
-        # the clip is an int8 op that keeps scale and zero point.
-        if self.clip_high is not None:
-            x = tf.minimum(x, self.clip_high)
-        if self.clip_low is not None:
-            x = tf.maximum(x, self.clip_low)
-        return _fake_quant(x, low, high)
-
-    def emulate(self, x):
-        # Float export: the same grid in float arithmetic.
-        g = self.grid
-        codes = tf.clip_by_value(tf.round(x / g.scale) + g.zero, float(g.qmin), float(g.qmax))
-        return (codes - g.zero) * g.scale
-
-
-class _WeightedPoint:
-    """A quantized Conv2D / DepthwiseConv2D / Dense with constant (optionally BN-folded) weights."""
-
-    def __init__(self, layer, bn=None):
-        self.layer = layer
-        if isinstance(layer, QDepthwiseConv2D):
-            quantizer, weight = layer.depthwise_quantizer_internal, layer.depthwise_kernel
-        else:
-            quantizer, weight = layer.kernel_quantizer_internal, layer.kernel
-        if not isinstance(quantizer, TfqkdQuantizer):
-            raise TfqkdError(
-                f"layer '{layer.name}': weight quantizer {quantizer!r} is not a tfqkd quantizer; only models made by "
-                "tfqkd.quantize() can be exported with their trained grid"
-            )
-        self.codes, self.step = weight_codes(quantizer, weight.numpy(), layer.name)
-        out_channels = self.codes.shape[-1]
-        bias = np.zeros(out_channels, np.float64)
-        if layer.use_bias:
-            bias_q = layer.bias_quantizer_internal
-            b = layer.bias
-            bias = (bias_q(b, training=False) if isinstance(bias_q, TfqkdQuantizer) else b).numpy().astype(np.float64)
-        gain = np.ones(out_channels, np.float64)
-        if bn is not None:
-            gamma, beta, mean, var = _bn_parameters(bn, out_channels)
-            gain = gamma / np.sqrt(var + bn.epsilon)
-            bias = beta + (bias - mean) * gain
-        # A per-channel gain keeps the integer codes: a negative gain flips
-        # their sign, a zero gain (dead channel) gets a tiny scale.
-        sign = np.where(gain < 0, -1.0, 1.0)
-        magnitude = np.maximum(np.abs(gain), 1e-12)
-        self.channel_scale = (self.step * magnitude).astype(np.float32)
-        self.folded = bn is not None
-        self.weight_codes = (self.codes * sign.astype(np.int32)).astype(np.int32)
-        self.bias = bias.astype(np.float32)
-        self.has_bias = layer.use_bias or bn is not None
-        # Set by :meth:`tune`: the stored int8 weights are ``code_multiplier * codes`` at scale
-        # ``channel_scale / code_multiplier`` (same real weights), and ``int_bias`` is the int32 bias
-        # the runtime adds (None: the converter rounds ``bias`` itself).
-        self.code_multiplier = 1
-        self.int_bias = None
-        self.matched_thresholds = None
-
-    def _reduction_sums(self):
-        """Per output channel, the sum of |weight code| over everything one output value adds up."""
-        codes = np.abs(self.weight_codes.astype(np.int64))
-        if isinstance(self.layer, QDepthwiseConv2D):
-            return codes.reshape(-1, codes.shape[-2] * codes.shape[-1]).sum(0)
-        return codes.reshape(-1, codes.shape[-1]).sum(0)
-
-    def tune(self, input_grid, output=None, density=None):
-        """Chooses the int8 storage of the weights and the int32 bias for the runtimes' arithmetic.
-
-        Two departures of a plain conversion from the Keras model are closed here:
-
-        * the bias is stored as an int32 multiple of ``input step * weight step``,
-          which moves each pre-activation by up to half that unit: with 4-bit
-          weights and activations about 0.4% of the step of the next quantizer,
-          enough to move ~0.1% of the hidden codes of an MLP. Low-bit codes are
-          therefore stored multiplied by an integer ``k`` that keeps them in
-          [-127, 127] (up to 18 for 4-bit codes; the same real weights at scale
-          ``step / k``, a ``k`` times finer accumulator and bias unit);
-        * where the layer's output is rounded onto a trained grid (a following
-          activation quantizer, optionally after a ReLU, or a concat's
-          quantizer), ``k`` and the int32 bias are chosen so that every rounding
-          threshold of that grid falls between the same two reachable
-          accumulator values as in the Keras model, both for a runtime that
-          requantizes with one rounding (XNNPACK, float multiplier) and for
-          TFLite's built-in kernels (gemmlowp's two roundings, which move each
-          threshold by up to one accumulator unit). Where no bias does that for
-          every threshold (8-bit outputs with 8-bit weights), the one that
-          misses the fewest is kept, weighted by how often calibration data
-          comes near each threshold.
-
-        Args:
-          input_grid: the :class:`Grid` of the input tensor, or None (float/calibrated input).
-          output: ``(grid, relu)``: the trained grid the output is rounded onto in the Keras
-            model and whether a ReLU comes first; None for a float output (logits, BN inputs).
-          density: optional ``(channels, thresholds)`` counts of calibration values within one
-            step of each threshold of ``output``.
-        """
-        depthwise = isinstance(self.layer, QDepthwiseConv2D)
-        shape = self.weight_codes.shape
-        channels = shape[-2] * shape[-1] if depthwise else shape[-1]
-        largest = int(np.max(np.abs(self.weight_codes), initial=0))
-        if input_grid is not None:
-            low, high, _ = input_grid.int8_window()
-            input_magnitude = max(abs(low), abs(high))
-        else:
-            input_magnitude = 255
-        sums = self._reduction_sums().astype(np.float64)
-        # Largest multiplier: codes stay in [-127, 127] and the int32 accumulator keeps 2**24 for the bias.
-        limit = _WEIGHT_CODE_MAX // largest if largest else 1
-        while limit > 1 and input_magnitude * np.max(sums, initial=0.0) * limit >= 2**31 - 2**24:
-            limit -= 1
-        self.code_multiplier = limit
-        if input_grid is None:
-            return
-        channel_scale = self.channel_scale if self.channel_scale.size == channels else np.full(
-            channels, self.channel_scale.flat[0], np.float32
-        )  # depthwise kernels: one step for all channels
-        bias = np.broadcast_to(self.bias.astype(np.float64), (channels,))
-        self.has_bias = True
-        if output is None:
-            self._set_bias(limit, input_grid, channel_scale, bias)
-            return
-        best = None
-        for k in range(limit, 0, -1):
-            fit = _fit_bias(k, input_grid, channel_scale, bias, output, input_magnitude * sums * k, density)
-            if best is None or fit["score"] < best["score"]:
-                best = fit
-            if best["score"] == 0:
-                break
-        self.code_multiplier = best["k"]
-        self._unit, self.int_bias = best["unit"], best["bias"]
-        self.output_thresholds = best["thresholds"]
-        self.missed_thresholds = best["missed"]
-        # (threshold checks passed, made): two per reachable threshold and channel (one per rounding).
-        self.matched_thresholds = (int(best["checks"] - np.sum(best["missed"])), int(best["checks"]))
-
-    def _set_bias(self, k, input_grid, channel_scale, bias):
-        self.code_multiplier = k
-        self._unit = _accumulator_unit(k, input_grid, channel_scale)
-        self.int_bias = np.rint(bias / self._unit)
-
-    def pooled(self, x, pool, source):
-        """``pool(self(x))`` computed as ``self(sum-pool(x)) / area`` (see ``IntegerGraph._pooled_first``)."""
-        area = int(np.prod(pool.pool_size))
-        summed = _constant_pool(pool, x, 1.0, integer=True)
-        summed = _fake_quant(summed, *source.window)  # the sums of the codes, on the input's grid
-        step = self.step / area
-        values = (self.weight_codes.astype(np.float64) * step).astype(np.float32)
-        limit = np.float32(_WEIGHT_CODE_MAX * step)
-        w = _fake_quant(tf.constant(values), -limit, limit, narrow_range=True)
-        return tf.nn.conv2d(summed, w, strides=(1, 1, 1, 1), padding="VALID")
-
-    def _weights(self, integer):
-        values = (self.weight_codes.astype(np.float64) * self.channel_scale.astype(np.float64)).astype(np.float32)
-        w = tf.constant(values)
-        if not integer:
-            return w
-        k = self.code_multiplier  # a power of two: the same real weights, codes * k at scale / k
-        if self.folded:
-            limit = (_WEIGHT_CODE_MAX * self.channel_scale.astype(np.float64) / k).astype(np.float32)
-            return tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                w, min=-limit, max=limit, num_bits=8, narrow_range=True
-            )
-        limit = np.float32(_WEIGHT_CODE_MAX * self.step / k)
-        return _fake_quant(w, -limit, limit, narrow_range=True)
-
-    def _bias(self, integer):
-        if integer and self.int_bias is not None:
-            # The converter divides by the same unit and rounds: it stores exactly these integers.
-            return (self.int_bias * self._unit).astype(np.float32)
-        return self.bias
-
-    def __call__(self, x, integer):
-        layer, w = self.layer, self._weights(integer)
-        if isinstance(layer, QDense):
-            y = tf.tensordot(x, w, axes=1) if x.shape.rank > 2 else tf.matmul(x, w)
-        elif isinstance(layer, QDepthwiseConv2D):
-            y = tf.nn.depthwise_conv2d(
-                x, w, strides=(1, *layer.strides, 1), padding=layer.padding.upper(), dilations=layer.dilation_rate
-            )
-        else:
-            if layer.groups != 1:
-                raise TfqkdError(f"layer '{layer.name}': grouped convolutions are not supported by the TFLite exporter")
-            y = tf.nn.conv2d(
-                x, w, strides=(1, *layer.strides, 1), padding=layer.padding.upper(), dilations=layer.dilation_rate
-            )
-        if self.has_bias:
-            y = tf.nn.bias_add(y, tf.constant(self._bias(integer)))
-        activation = getattr(layer, "activation", None)
-        if activation is not None and activation is not keras.activations.linear:
-            y = activation(y)
-        return y
-
-
-class _ChannelAffine:
-    """A per-channel affine map between two exact int8 grids, as one requantization.
-
-    Two uses, both exact in int8 where the converter's own lowering is not:
-
-    * a BatchNormalization on an exact int8 tensor, followed by ReLU and a
-      quantizer (``integer_intermediates``). TFLite lowers an inference BN
-      to MUL and ADD with int8 constants (one 8-bit scale for all channels'
-      gains, another for the offsets) and two requantizations, which moves
-      activation codes;
-    * a plain requantization from one trained grid onto another (gain 1,
-      offset 0, no ReLU): a concat input whose grid is not the concat's.
-      The converter would insert an int8 -> int8 QUANTIZE there, which
-      XNNPACK computes with an 8-bit fixed-point multiplier (a code 25 at
-      scale ratio 0.1808 lands on 4, not round(4.52) = 5).
-
-    The chain maps each integer input code ``X`` of channel ``c`` to
-    ``clip(round(g_c * X + h_c))``: a 1x1 DEPTHWISE_CONV_2D whose weight is
-    the code +-127 with the per-channel scale ``|gain_c| / 127`` (the runtime
-    then applies the gain as a 32-bit fixed-point or float multiplier) and
-    whose int32 bias is chosen so the op returns, for every one of the 256
-    input codes, the code the float model returns.
-
-    Args:
-      gain, offset: per-channel ``y = gain * x + offset`` in real units.
-      input_grid, output_grid: the :class:`Grid` of the input tensor and of
-        the output quantizer.
-      relu: a ReLU sits between the affine map and the output quantizer.
-    """
-
-    def __init__(self, gain, offset, input_grid, output_grid, relu=True):
-        self.gain = np.asarray(gain, np.float64)
-        self.offset = np.asarray(offset, np.float64)
-        self.relu = relu
-        self.input_grid, self.output_grid = input_grid, output_grid
-        magnitude = np.maximum(np.abs(self.gain), 1e-12).astype(np.float32)
-        self.magnitude = magnitude
-        self.weight_scale = (magnitude.astype(np.float64) / _WEIGHT_CODE_MAX).astype(np.float32)
-        self.bias = self._exact_bias()
-
-    @classmethod
-    def batchnorm(cls, bn, channels, input_grid, output_grid):
-        """BN -> ReLU -> quantizer on an exact int8 input."""
-        return cls(*_bn_affine(bn, channels), input_grid, output_grid, relu=True)
-
-    @classmethod
-    def requantization(cls, channels, input_grid, output_grid):
-        """The identity from ``input_grid`` onto ``output_grid`` (round to nearest)."""
-        return cls(np.ones(channels), np.zeros(channels), input_grid, output_grid, relu=False)
-
-    def _exact_bias(self):
-        x_grid, y_grid = self.input_grid, self.output_grid
-        low, high, x_zero = x_grid.int8_window()
-        # Real input of every int8 code, and the code the float model gives it.
-        codes = np.arange(-128, 128, dtype=np.float64)
-        x_real = (codes - x_zero) * np.float32(x_grid.scale)
-        y_low, y_high, y_zero = y_grid.int8_window()
-        # The int8 output window; the ReLU (if any) and the quantizer's own clip are applied on top of it.
-        lo_code = max(y_grid.qmin - y_grid.zero, y_low, 0 if self.relu else y_low)
-        hi_code = min(y_grid.qmax - y_grid.zero, y_high)
-        unit = np.float64(np.float32(x_grid.scale)) * self.weight_scale.astype(np.float64)  # bias int32 step
-        multiplier = unit * _WEIGHT_CODE_MAX / np.float64(np.float32(y_grid.scale))  # per accumulator unit
-        sign = np.where(self.gain < 0, -1.0, 1.0)
-        bias = np.empty(len(self.gain))
-        for c in range(len(self.gain)):
-            if self.relu:
-                y = (self.gain[c] * x_real + self.offset[c]) / y_grid.scale
-            else:  # a requantization: the Keras quantizer divides in float32, near-ties included
-                y = x_real.astype(np.float32) / np.float32(y_grid.scale)
-            target = np.clip(np.rint(y), lo_code, hi_code)
-            acc = sign[c] * _WEIGHT_CODE_MAX * (codes - x_zero)  # integer accumulator without the bias
-            # round(m * (acc + B)) == target, with the clipped ends one-sided.
-            m = multiplier[c] / _WEIGHT_CODE_MAX
-            lower = np.where(target > lo_code, (target - 0.5) / m - acc, -np.inf)
-            upper = np.where(target < hi_code, (target + 0.5) / m - acc, np.inf)
-            # The integer bias closest to the ideal offset among those that get the most codes
-            # right: all 256 when the int32 bias step is fine enough (4-bit outputs); an 8-bit
-            # output can need a finer step than int8 weights allow, and then a few codes are one off.
-            ideal = self.offset[c] / unit[c]
-            candidates = np.rint(ideal) + _BIAS_SEARCH
-            too_low = candidates[:, None] <= lower[None] + 1e-6
-            too_high = candidates[:, None] >= upper[None] - 1e-6
-            wrong = np.sum(too_low | too_high, axis=1)
-            best = np.flatnonzero(wrong == wrong.min())
-            bias[c] = candidates[best[np.argmin(np.abs(candidates[best] - ideal))]] * unit[c]
-        return bias.astype(np.float32)
-
-    def __call__(self, x):
-        channels = len(self.gain)
-        values = np.where(self.gain < 0, -self.magnitude, self.magnitude).astype(np.float32).reshape(1, 1, 1, channels)
-        w = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            tf.constant(values), min=-self.magnitude, max=self.magnitude, num_bits=8, narrow_range=True
-        )
-        w = tf.reshape(w, (1, 1, channels, 1))
-        y = tf.nn.depthwise_conv2d(x, w, strides=(1, 1, 1, 1), padding="VALID")
-        y = tf.nn.bias_add(y, tf.constant(self.bias))
-        if self.relu:
-            return y  # the ReLU and the quantizer that follow pin the output grid
-        low, high = _ActivationPoint(self.output_grid).window
-        return _fake_quant(y, low, high)
-
-
-def _accumulator_unit(k, input_grid, channel_scale):
-    """Real value of one int32 accumulator unit per channel, in the float32 scales the file stores."""
-    weight_scale = (channel_scale.astype(np.float64) / k).astype(np.float32).astype(np.float64)
-    return _file_scale(input_grid) * weight_scale
-
-
-def _fit_bias(k, input_grid, channel_scale, bias, output, reach, density):
-    """The int32 bias per channel that keeps the most rounding thresholds of ``output`` (see ``_WeightedPoint.tune``).
-
-    Returns a dict with ``k``, ``unit``, ``bias`` (float64 integers), ``thresholds`` (``j + 0.5`` in
-    output steps), ``missed`` (``(channels, thresholds)``: 0, 1 or 2 roundings that move the code),
-    ``checks`` (reachable thresholds times 2) and ``score`` (missed, weighted by ``density``).
-    """
-    grid, relu = output
-    unit = _accumulator_unit(k, input_grid, channel_scale)
-    ideal = bias / unit
-    low, high, _ = grid.int8_window()
-    lo_code = max(grid.qmin - grid.zero, low, 0 if relu else low)
-    hi_code = min(grid.qmax - grid.zero, high)
-    j = np.arange(lo_code, hi_code, dtype=np.float64) + 0.5  # thresholds between codes, in steps
-    # Keras: the code passes j iff acc * unit + bias >= j * step; acc takes multiples of k only.
-    keras_t = (j[None, :] * np.float64(np.float32(grid.scale)) - bias[:, None]) / unit[:, None]
-    keras_gap = np.ceil(keras_t / k)
-    multiplier = unit / _file_scale(grid)  # one accumulator unit in output steps
-    mantissa, exponent = np.frexp(multiplier)
-    # gemmlowp rounds acc * mantissa first, then divides by 2**-exponent: each threshold moves by
-    # half a unit of the first rounding, towards the zero code (when there is a second rounding).
-    double_shift = np.where(exponent < 0, 0.5 / mantissa, 0.0)[:, None] * np.where(j > 0, 1.0, -1.0)[None, :]
-    runtime_t = j[None, :] / multiplier[:, None]  # the runtime's threshold before the bias
-    relevant = np.abs(keras_t) <= reach[:, None] + k
-    weight = np.ones_like(keras_t) if density is None else 1.0 + np.asarray(density, np.float64)
-    tolerance = 0.01 + 1e-6 * np.abs(runtime_t)
-    base = np.rint(ideal)
-    offsets = np.arange(-k - 2, k + 3, dtype=np.float64)
-
-    def missed(candidate, shift):
-        t = runtime_t - candidate[:, None] - shift
-        out = (np.ceil((t - tolerance) / k) != keras_gap) | (np.ceil((t + tolerance) / k) != keras_gap)
-        return np.where(relevant, out, False)
-
-    # Exact integer arithmetic (one rounding) first: a miss there counts as much as every
-    # threshold a two-rounding runtime could miss; then the fewest two-rounding misses; then the
-    # bias closest to the trained one. Each weighted by how often data comes near the threshold.
-    # Few-code outputs: a two-rounding miss moves a code by a large step, worth trading for; 8-bit
-    # outputs have too many thresholds to keep for both roundings: exact arithmetic comes first.
-    heavy = _EXACT_WEIGHT if grid.levels <= 16 else 1.0 + np.sum(np.where(relevant, weight, 0.0), axis=1)
-    scores = []
-    for offset in offsets:
-        candidate = base + offset
-        scores.append(
-            heavy * np.sum(missed(candidate, 0.0) * weight, axis=1) + np.sum(missed(candidate, double_shift) * weight, axis=1)
-        )
-    scores = np.stack(scores)
-    distance = np.abs(base[None, :] + offsets[:, None] - ideal[None, :])
-    choice = np.argmin(scores + distance / (4.0 * (k + 3)), axis=0)
-    chosen = base + offsets[choice]
-    single, double = missed(chosen, 0.0), missed(chosen, double_shift)
-    return {
-        "k": k, "unit": unit, "bias": chosen, "thresholds": j, "missed": single.astype(float) + double,
-        "checks": 2 * int(np.sum(relevant)),
-        "score": float(np.sum(heavy * np.sum(single * weight, axis=1) + np.sum(double * weight, axis=1))),
-        "exact_misses": int(np.sum(single)),
-    }
-
-
-def _threshold_counts(steps, thresholds):
-    """``(channels, thresholds)`` counts of the values ``steps`` ``(N, channels)`` within one step of each threshold.
-
-    ``thresholds`` are consecutive ``j + 0.5``; a value ``v`` is within one step of the two thresholds
-    around it, ``floor(v - 0.5) + 0.5`` and the next.
-    """
-    channels, count = steps.shape[1], len(thresholds)
-    first = np.floor(steps - 0.5) - (thresholds[0] - 0.5)  # index of the threshold just below
-    column = np.broadcast_to(np.arange(channels), steps.shape)
-    counts = np.zeros(channels * count, np.int64)
-    for index in (first, first + 1):
-        ok = (index >= 0) & (index < count)
-        counts += np.bincount((column[ok] * count + index[ok]).astype(np.int64), minlength=channels * count)
-    return counts.reshape(channels, count)
-
-
-def _file_scale(grid):
-    """The scale TFLite stores for a tensor pinned to ``grid`` by :class:`_ActivationPoint` (float64 value)."""
-    low, high, _ = grid.int8_window()
-    s = grid.scale
-    return np.float64(np.float32((np.float64(np.float32(high * s)) - np.float64(np.float32(low * s))) / 255.0))
-
-
-def _batchnorm_as_depthwise(gain, offset, x):
-    """An inference BN ``gain * x + offset`` on a 4-D tensor as a 1x1 depthwise conv with bias.
-
-    One op, into which the converter fuses a following ReLU. The weights stay
-    float: the int8 converter quantizes them per channel.
-    """
-    w = tf.constant(gain.reshape(1, 1, len(gain), 1))
-    y = tf.nn.depthwise_conv2d(x, w, strides=(1, 1, 1, 1), padding="VALID")
-    return tf.nn.bias_add(y, tf.constant(offset))
-
-
-def _constant_pool(pool, x, weight, integer):
-    """A valid pooling window as a depthwise conv whose weights all equal ``weight`` (int8: code 127, one scale).
-
-    ``weight`` 1 sums the window (pooled-first convs), ``1 / area`` averages it (the "speed" layout).
-    """
-    w = tf.constant(np.full((*pool.pool_size, int(x.shape[-1]), 1), weight, np.float32))
-    if integer:
-        w = _fake_quant(w, np.float32(-weight), np.float32(weight), narrow_range=True)
-    return tf.nn.depthwise_conv2d(x, w, strides=(1, *pool.strides, 1), padding="VALID")
+_FOLDABLE_PRODUCERS = (QConv2D,)
 
 
 def _plain_relu(layer):
@@ -578,31 +87,6 @@ class _Reusable:
 
     def pop(self):
         return self.value
-
-
-def _bn_parameters(bn, channels):
-    def weight_or(value, default):
-        return np.asarray(value.numpy(), np.float64) if value is not None else np.full(channels, default)
-
-    return (
-        weight_or(bn.gamma, 1.0),
-        weight_or(bn.beta, 0.0),
-        weight_or(bn.moving_mean, 0.0),
-        weight_or(bn.moving_variance, 1.0),
-    )
-
-
-def _bn_affine(bn, channels):
-    """An inference BN as ``gain * x + offset`` per channel (float64 arrays)."""
-    gamma, beta, mean, var = _bn_parameters(bn, channels)
-    gain = gamma / np.sqrt(var + bn.epsilon)
-    return gain, beta - mean * gain
-
-
-def _channels_last(bn):
-    """Whether a BatchNormalization normalizes the last axis of a 4-D (NHWC) tensor only."""
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    return axis in (-1, 3)
 
 
 class IntegerGraph:
@@ -651,12 +135,12 @@ class IntegerGraph:
                         f"layer '{layer.name}': QKeras quantizer {layer.quantizer} is not a tfqkd quantizer; only "
                         "models made by tfqkd.quantize() can be exported with their trained grid"
                     )
-                point = _ActivationPoint(activation_grid(layer.quantizer, layer.name))
+                point = ActivationPoint(activation_grid(layer.quantizer, layer.name))
                 self.points[layer.name] = point
                 self.activation_grids[layer.name] = point.grid
             elif isinstance(layer, (QConv2D, QDepthwiseConv2D, QDense)):
                 bn = self._foldable_bn(layer, consumers)
-                self.points[layer.name] = _WeightedPoint(layer, bn)
+                self.points[layer.name] = WeightedPoint(layer, bn)
                 self.weight_grids[layer.name] = (self.points[layer.name].step, None if bn is None else bn.name)
                 if bn is not None:
                     self._identity.add(bn.name)
@@ -684,13 +168,13 @@ class IntegerGraph:
 
     def code_multipliers(self):
         """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""
-        return {name: p.code_multiplier for name, p in self.points.items() if isinstance(p, _WeightedPoint)}
+        return {name: p.code_multiplier for name, p in self.points.items() if isinstance(p, WeightedPoint)}
 
     def _tune_weighted(self, consumers):
         """Fits each weighted layer's int8 weights and int32 bias to the grid its output is rounded onto."""
         for layer in self.model.layers:
             point = self.points.get(layer.name)
-            if not isinstance(point, _WeightedPoint) or layer.name in self.pooled_first:
+            if not isinstance(point, WeightedPoint) or layer.name in self.pooled_first:
                 continue
             source = self._producer_of(layer.input)
             input_grid = self.activation_grids.get(source.name)
@@ -740,7 +224,7 @@ class IntegerGraph:
             if not isinstance(layer, keras.layers.BatchNormalization) or layer.name in self._identity:
                 continue
             shape = layer.input.shape
-            if shape.rank != 4 or not _channels_last(layer):
+            if shape.rank != 4 or not channels_last(layer):
                 continue
             source = self._producer_of(layer.input)
             if source.name not in self.activation_grids:
@@ -751,7 +235,7 @@ class IntegerGraph:
             target = self._shared_grid(consumers.get(str(id(users[0].output)), []))
             if target is None:
                 continue
-            found[layer.name] = _ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
+            found[layer.name] = ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
         return found
 
     def _pooled_first(self, consumers):
@@ -767,7 +251,7 @@ class IntegerGraph:
         found = {}
         for layer in self.model.layers:
             point = self.points.get(layer.name)
-            if not isinstance(point, _WeightedPoint) or point.folded or not isinstance(layer, QConv2D):
+            if not isinstance(point, WeightedPoint) or point.folded or not isinstance(layer, QConv2D):
                 continue
             if tuple(layer.kernel_size) != (1, 1) or tuple(layer.strides) != (1, 1) or tuple(layer.dilation_rate) != (1, 1):
                 continue
@@ -800,7 +284,7 @@ class IntegerGraph:
         requantized straight onto that quantizer's grid."""
         found = {}
         for layer in self.model.layers:
-            if not isinstance(self.points.get(layer.name), _WeightedPoint):
+            if not isinstance(self.points.get(layer.name), WeightedPoint):
                 continue
             users = consumers.get(str(id(layer.output)), [])
             joins = (keras.layers.Concatenate, keras.layers.AveragePooling2D, keras.layers.MaxPooling2D)
@@ -828,8 +312,8 @@ class IntegerGraph:
                     consumers.get(str(id(producer.output)), [])
                 ) == 1:
                     continue  # the converter folds it into the conv's weights and bias
-                if layer.input.shape.rank == 4 and _channels_last(layer):
-                    gain, offset = _bn_affine(layer, int(layer.input.shape[-1]))
+                if layer.input.shape.rank == 4 and channels_last(layer):
+                    gain, offset = bn_affine(layer, int(layer.input.shape[-1]))
                     bns[layer.name] = (gain.astype(np.float32), offset.astype(np.float32))
             elif (
                 type(layer) is keras.layers.AveragePooling2D
@@ -847,8 +331,8 @@ class IntegerGraph:
         In the Keras model such an input is rounded twice (its own quantizer,
         then the concat's); the int8 graph must repeat that second rounding
         exactly, which the converter's QUANTIZE does not do under XNNPACK
-        (see :class:`_ChannelAffine`). Returns ``{concat name: {input index:
-        _ChannelAffine}}``.
+        (see :class:`ChannelAffine`). Returns ``{concat name: {input index:
+        ChannelAffine}}``.
         """
         found = {}
         for layer in self.model.layers:
@@ -863,7 +347,7 @@ class IntegerGraph:
                 grid = self.activation_grids.get(source)
                 if tensor.shape.rank != 4 or grid is None or grid.as_dict() == target.as_dict():
                     continue
-                inputs[index] = _ChannelAffine.requantization(int(tensor.shape[-1]), grid, target)
+                inputs[index] = ChannelAffine.requantization(int(tensor.shape[-1]), grid, target)
             if inputs:
                 found[layer.name] = inputs
         return found
@@ -881,7 +365,7 @@ class IntegerGraph:
         """
         names = []
         for layer in self.model.layers:
-            if layer.name not in self.points or not isinstance(self.points[layer.name], _WeightedPoint):
+            if layer.name not in self.points or not isinstance(self.points[layer.name], WeightedPoint):
                 continue
             last = layer
             users = consumers.get(str(id(layer.output)), [])
@@ -924,7 +408,7 @@ class IntegerGraph:
                 # Calibration values within one step of each rounding threshold, per channel.
                 point = self.points[name]
                 steps = np.asarray(values[len(self.range_layers) + i], np.float64) / grid.scale
-                counts = _threshold_counts(steps.reshape(-1, steps.shape[-1]), point.output_thresholds)
+                counts = threshold_counts(steps.reshape(-1, steps.shape[-1]), point.output_thresholds)
                 density[i] = counts if density[i] is None else density[i] + counts
         for (name, (input_grid, output, _)), counts in zip(tuned, density):
             self.points[name].tune(input_grid, output, density=counts)
@@ -933,7 +417,7 @@ class IntegerGraph:
             if name == out_name:
                 # Logits of unseen inputs exceed the calibration extremes more often than
                 # hidden features, and a clipped top logit can tie with the runner-up.
-                margin = _OUTPUT_MARGIN * (hi - lo)
+                margin = OUTPUT_MARGIN * (hi - lo)
                 lo, hi = (lo - margin if lo < 0 else lo), hi + margin
             if hi - lo < 1e-6:
                 hi = lo + 1e-6
@@ -961,7 +445,7 @@ class IntegerGraph:
         if len(users) != 1 or not isinstance(users[0], keras.layers.BatchNormalization):
             return None
         bn = users[0]
-        return bn if _channels_last(bn) else None
+        return bn if channels_last(bn) else None
 
     def __call__(self, inputs, integer=True):
         """Runs the twin on ``inputs`` (inside a tf.function for export).
@@ -992,20 +476,20 @@ class IntegerGraph:
                 elif integer and layer.name in self.pooled_first:
                     pool, target = self.pooled_first[layer.name]
                     outputs = self.points[layer.name].pooled(args[0], pool, self.points[self._producer_of(layer.input).name])
-                    outputs = _fake_quant(outputs, *self.points[target].window)
+                    outputs = fake_quant(outputs, *self.points[target].window)
                 elif integer and layer.name in self.concat_windows:
                     outputs = self.points[layer.name](args[0], integer)
-                    outputs = _fake_quant(outputs, *self.points[self.concat_windows[layer.name]].window)
+                    outputs = fake_quant(outputs, *self.points[self.concat_windows[layer.name]].window)
                 elif layer.name in self._depthwise_batchnorms:
-                    outputs = _batchnorm_as_depthwise(*self._depthwise_batchnorms[layer.name], args[0])
+                    outputs = batchnorm_as_depthwise(*self._depthwise_batchnorms[layer.name], args[0])
                 elif layer.name in self._depthwise_pools:
-                    outputs = _constant_pool(layer, args[0], 1.0 / int(np.prod(layer.pool_size)), integer)
+                    outputs = constant_pool(layer, args[0], 1.0 / int(np.prod(layer.pool_size)), integer)
                     target = self._depthwise_pools[layer.name]
                     if integer and target is not None:
-                        outputs = _fake_quant(outputs, *self.points[target].window)
+                        outputs = fake_quant(outputs, *self.points[target].window)
                 elif layer.name in self.points:
                     point = self.points[layer.name]
-                    if isinstance(point, _ActivationPoint):
+                    if isinstance(point, ActivationPoint):
                         outputs = point.integer(args[0]) if integer else point.emulate(args[0])
                     else:
                         outputs = point(args[0], integer)
@@ -1018,7 +502,7 @@ class IntegerGraph:
                     outputs = layer(*args, **kwargs)
                 if integer and layer.name in self.output_ranges:
                     low, high = self.output_ranges[layer.name]
-                    outputs = _fake_quant(outputs, low, high)
+                    outputs = fake_quant(outputs, low, high)
                 for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
                     tensor_dict[x_id] = _Reusable(y)
         return tensor_dict[str(id(model.outputs[0]))].value

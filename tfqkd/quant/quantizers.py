@@ -240,7 +240,7 @@ _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
 
 
-def _fake_quant(x, step, qmin, qmax):
+def _step_fake_quant(x, step, qmin, qmax):
     return tf.round(tf.clip_by_value(x / step, qmin, qmax)) * step
 
 
@@ -260,7 +260,7 @@ def _step_gradient_terms(upstream, x, step, qmin, qmax):
 # One pass over the tensor each instead of four to eight: element-wise chains are
 # what made a quantized step cost twice a float one (issue 16). Reductions stay
 # outside: XLA's CPU reductions run on one thread.
-_fused_fake_quant = tf.function(_fake_quant, **_XLA)
+_fused_step_fake_quant = tf.function(_step_fake_quant, **_XLA)
 _fused_input_gradient = tf.function(_input_gradient, **_XLA)
 _fused_step_gradient_terms = tf.function(_step_gradient_terms, **_XLA)
 
@@ -370,7 +370,7 @@ def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     """
     step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
     if _is_large(x):
-        output = _fused_fake_quant(x, step, qmin, qmax)
+        output = _fused_step_fake_quant(x, step, qmin, qmax)
 
         def gradient_terms(upstream):
             return (_fused_input_gradient(upstream, x, step, qmin, qmax),
