@@ -27,7 +27,9 @@ def _trained(name, policy, mnist5k, epochs=1):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_power_of_two_activation_students_export_exactly(tmp_path, mnist5k, name, bits):
     policy = {"default": {"weight_bits": bits, "activation_bits": bits, "activation_kind": "lsq_pof2"}}
-    model = _trained(name, policy, mnist5k)
+    model = _trained(name, policy, mnist5k, epochs=3)
+    # well past chance (10%), so that agreement is not measured between near-constant predictors
+    assert np.mean(model.predict(mnist5k.x_test, verbose=0).argmax(1) == mnist5k.y_test) > 0.3
     report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist5k.x_test)
     assert report["inexact"] == []
     assert all(row["ratio"] == 1.0 for row in report["activations"])
