@@ -201,6 +201,34 @@ def _single_input(layer):
     return layer.input
 
 
+def _untrained_batchnorms(model):
+    """The BatchNormalization layers of ``model`` if none has moved its statistics from the initial 0 and 1."""
+    layers = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    fresh = all(
+        np.all(layer.moving_mean.numpy() == 0) and np.all(layer.moving_variance.numpy() == 1) for layer in layers
+    )
+    return layers if fresh else []
+
+
+def _calibration_outputs(model, tensors, batch):
+    """``tensors`` of ``model`` on one calibration batch, as training will see them.
+
+    A trained model runs in inference mode. In a model whose BatchNormalizations were never
+    trained, inference mode divides by the initial variance 1, not by the batch's: activations
+    shrink layer after layer (ds_cnn's 4th block: about 1e-3 of what training sees), the steps
+    calibrated on them are that small, every code clips once training starts, no gradient
+    passes, and the run is dead. Such a model is calibrated on batch statistics, as training
+    normalises; its BN statistics are left as they were.
+    """
+    untrained = _untrained_batchnorms(model)
+    saved = [layer.get_weights() for layer in untrained]
+    try:
+        return keras.Model(model.inputs, tensors)(batch, training=bool(untrained))
+    finally:
+        for layer, weights in zip(untrained, saved):
+            layer.set_weights(weights)
+
+
 def first_batch(calibration_data, max_examples=256):
     """Up to ``max_examples`` inputs from an array or a dataset's first ``(x, ...)`` batch (or None)."""
     if calibration_data is None:
@@ -314,7 +342,7 @@ def quantize(
             inputs = [_single_input(model.get_layer(name)) for name in probe_names]
             inputs += [model.get_layer(name).output for name in intermediates]
             try:
-                outputs = keras.Model(model.inputs, inputs)(batch, training=False)
+                outputs = _calibration_outputs(model, inputs, batch)
             except (ValueError, TypeError) as err:
                 raise TfqkdError(f"calibration data does not fit the model input: {str(err).splitlines()[0]}") from None
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
