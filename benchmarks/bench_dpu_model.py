@@ -23,7 +23,7 @@ from pathlib import Path
 
 import tfqkd  # noqa: F401  isort: skip
 
-from tfqkd.dpu.performance import ARCHES, CALIBRATION, THESIS_DPU, DPUConfig, calibrate, estimate, layer_costs
+from tfqkd.dpu.performance import CORES, CALIBRATION, THESIS_DPU, DPUConfig, calibrate, estimate, layer_costs
 from tfqkd import atomic
 from tfqkd.bench.report import write_json
 from tfqkd.models import create_model
@@ -74,7 +74,7 @@ def main(argv=None):
                 "throughput_error": e["throughput"] / t["throughput"] - 1,
                 "memory_bound_layers": e["memory_bound_layers"], "cpu_layers": len(e["cpu_layers"]),
             })
-    for arch in ARCHES.values():
+    for arch in CORES.values():
         cfg = replace(default, arch=arch)
         for n in MODELS:
             e = estimate(layer_costs(models[n], arch), cfg)

@@ -78,9 +78,9 @@ def test_sweep_stops_a_slow_backend_and_interleaves():
 
 
 def test_dpu_conv_cycles_by_hand():
-    b4096, b512 = D.ARCHES["B4096"], D.ARCHES["B512"]
+    b4096, b512 = D.CORES["B4096"], D.CORES["B512"]
     assert b4096.ops_per_cycle == 4096 and b512.ops_per_cycle == 512
-    assert [D.ARCHES[n].ops_per_cycle for n in ("B800", "B1024", "B1152", "B1600", "B2304", "B3136")] == [
+    assert [D.CORES[n].ops_per_cycle for n in ("B800", "B1024", "B1152", "B1600", "B2304", "B3136")] == [
         800, 1024, 1152, 1600, 2304, 3136]
     # 5x9 output, 20 -> 33 channels, 3x3 kernel:
     # B4096: ceil(9/8)=2 x 5 rows x 9 taps x ceil(20/16)=2 x ceil(33/16)=3 = 540 cycles.

@@ -47,7 +47,7 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [
-    "ARCHES",
+    "CORES",
     "CALIBRATION",
     "DPUArch",
     "DPUConfig",
@@ -80,8 +80,9 @@ class DPUArch:
         return self.pp * self.icp * self.ocp
 
 
-#: DPUCZDX8G architectures (Xilinx PG338; thesis table 6.4).
-ARCHES = {
+#: DPUCZDX8G core sizes (Xilinx PG338; thesis table 6.4), by name (B512 ... B4096); boards are
+#: :data:`tfqkd.export.dpu.BOARDS`.
+CORES = {
     a.name: a
     for a in (
         DPUArch("B512", 4, 8, 8),
@@ -94,6 +95,7 @@ ARCHES = {
         DPUArch("B4096", 8, 16, 16),
     )
 }
+ARCHES = CORES  # the name before 0.2
 
 #: ZCU102 processing-system DDR4: 64 bit x 2666 MT/s.
 ZCU102_DDR_BYTES_PER_S = 8 * 2666e6
@@ -106,7 +108,7 @@ CALIBRATION = {"eta": 1.0, "overhead_cycles": 5800.0}
 class DPUConfig:
     """A DPU system: architecture, clock, cores, DDR bandwidth and the calibrated globals."""
 
-    arch: DPUArch = ARCHES["B4096"]
+    arch: DPUArch = CORES["B4096"]
     clock_hz: float = 300e6
     cores: int = 3
     ddr_bytes_per_s: float = ZCU102_DDR_BYTES_PER_S
@@ -166,7 +168,7 @@ def _hw(shape):
     return int(shape[1]), int(shape[2]), int(shape[3])
 
 
-def layer_costs(model, arch=ARCHES["B4096"]):
+def layer_costs(model, arch=CORES["B4096"]):
     """Per-layer DPU costs of a Keras model (batch 1, int8 tensors).
 
     Conv2D / DepthwiseConv2D / Dense map to the conv engine, pooling to the

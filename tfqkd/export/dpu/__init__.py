@@ -32,12 +32,12 @@ from tfqkd.dpu.layers import is_dpu_model
 from tfqkd.dpu.positions import check_limits, shifts
 from tfqkd.dpu.transform import quantize_for_dpu
 from tfqkd.errors import TfqkdError
-from tfqkd.export.dpu.bundle import ARCHS, compile_command, write_bundle
+from tfqkd.export.dpu.bundle import ARCHS, BOARDS, compile_command, write_bundle  # noqa: F401  (ARCHS: the name before 0.2)
 from tfqkd.export.dpu.vitis_h5 import read_quantized_h5, write_quantized_h5
 from tfqkd.quant.transform import is_quantized
 
 __all__ = [
-    "ARCHS",
+    "BOARDS",
     "compile_command",
     "emulate_h5",
     "read_quantized_h5",
@@ -113,8 +113,8 @@ def to_dpu(model, out_dir, *, calibration_data=None, arch="zcu102", evaluation=N
       TfqkdError: unsupported model (naming every offending layer), bad arguments, or a graph
         violating the DPU limits.
     """
-    if arch not in ARCHS:
-        raise TfqkdError(f"unknown DPU target '{arch}'; known: {', '.join(ARCHS)}")
+    if arch not in BOARDS:
+        raise TfqkdError(f"unknown DPU target '{arch}'; known: {', '.join(BOARDS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TfqkdError(f"output path {out_dir} exists and is not a directory")

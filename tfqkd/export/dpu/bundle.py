@@ -17,13 +17,14 @@ import numpy as np
 from tfqkd.errors import TfqkdError
 from tfqkd.export.dpu import runner_template
 
-__all__ = ["ARCHS", "compile_command", "write_bundle"]
+__all__ = ["BOARDS", "compile_command", "write_bundle"]
 
 #: Board -> arch.json of its DPUCZDX8G inside the Vitis-AI container.
-ARCHS = {
+BOARDS = {
     "zcu102": "/opt/vitis_ai/compiler/arch/DPUCZDX8G/ZCU102/arch.json",
     "zcu104": "/opt/vitis_ai/compiler/arch/DPUCZDX8G/ZCU104/arch.json",
 }
+ARCHS = BOARDS  # the name before 0.2 (boards and DPU core sizes are told apart now: tfqkd.dpu.performance.CORES)
 
 
 def compile_command(arch, name, model="quantized.h5", out_dir=None):
@@ -38,10 +39,10 @@ def compile_command(arch, name, model="quantized.h5", out_dir=None):
     Returns:
       the command as one shell-quoted string.
     """
-    if arch not in ARCHS:
-        raise TfqkdError(f"unknown DPU target '{arch}'; known: {', '.join(ARCHS)}")
+    if arch not in BOARDS:
+        raise TfqkdError(f"unknown DPU target '{arch}'; known: {', '.join(BOARDS)}")
     out_dir = out_dir or f"compiled_{arch}"
-    args = ["vai_c_tensorflow2", "-m", model, "-a", ARCHS[arch], "-o", out_dir, "-n", name]
+    args = ["vai_c_tensorflow2", "-m", model, "-a", BOARDS[arch], "-o", out_dir, "-n", name]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -87,7 +88,7 @@ def write_bundle(out_dir, name, arch="zcu102", evaluation=None):
     """
     out_dir = Path(out_dir)
     written = []
-    for board in ARCHS:
+    for board in BOARDS:
         script = out_dir / f"compile_{board}.sh"
         script.write_text(
             "#!/bin/sh\n# Compile quantized.h5 for the %s DPUCZDX8G (run inside the Vitis-AI container).\n"
