@@ -249,6 +249,10 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
     x_train, _, x_test, y_test = mnist5k
     keras.utils.set_random_seed(1)
     float_model = _small_densenet()
+    # A few float steps: BN statistics off their initial values, as in any trained model (an
+    # untrained one is calibrated on batch statistics and its logits no longer fit int8).
+    float_model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    float_model.fit(x_train[:256], mnist5k.y_train[:256], epochs=1, batch_size=64, verbose=0)
     plain = tfqkd.quantize(float_model, "w4a4", x_train[:128])
     model = tfqkd.quantize(float_model, "w4a4", x_train[:128], integer_intermediates=True)
     q8 = sorted(layer.name for layer in model.layers if layer.name.endswith("_q8"))
