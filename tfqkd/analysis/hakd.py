@@ -29,6 +29,7 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.export.runtimes import interpreter_class
 from tfqkd.export.validate import quantize_inputs, run_tflite
 from tfqkd.plotting import pyplot, save_figure
 
@@ -142,7 +143,8 @@ def convert_tflite_int8(model, path, calibration):
 
 
 def _interpreter(path, threads=1):
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads)
+    Interpreter, _, _ = interpreter_class("tensorflow")  # the runtime tflite_accuracy reads with
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
     return interpreter
 

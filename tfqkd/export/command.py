@@ -162,7 +162,7 @@ def run_hls4ml_export(args):
       0 (the exit code).
     """
     import tfqkd.data as data
-    from tfqkd.export.hls4ml import to_hls4ml
+    from tfqkd.export.hls4ml import DEFAULT_PRECISION, to_hls4ml
     from tfqkd.io import load_model
 
     model_path, dataset, data_dir, out_dir = resolve_export_source(args)
@@ -172,8 +172,10 @@ def run_hls4ml_export(args):
     model = load_model(model_path, unsafe=args.unsafe)
     x, _ = data.load_arrays(dataset, "test", data_dir=data_dir, limit=1000)
     print(f"[tfqkd] hls4ml {args.backend} project ({args.io_type}) of {model_path}: {project}", flush=True)
-    precision = {"default_precision": args.default_precision} if args.default_precision else {}
-    result = to_hls4ml(model, project, backend=args.backend, io_type=args.io_type, evaluation=x, **precision)
+    precision = args.default_precision or DEFAULT_PRECISION
+    result = to_hls4ml(
+        model, project, backend=args.backend, io_type=args.io_type, evaluation=x, default_precision=precision
+    )
     _print_check(f"C++ emulation (compiled in {result['compile_seconds']:.0f} s)", result, dataset,
                  project / "hls4ml_report.json")  # fmt: skip
     return 0

@@ -48,7 +48,8 @@ def count_params(model: keras.Model, trainable_only: bool = True, exclude_suffix
     weights = model.trainable_weights if trainable_only else model.weights
     # Shared variables (e.g. a layer used twice) must be counted once.
     unique = {id(w): w for w in weights}.values()
-    counted = [w for w in unique if not w.name.split(":")[0].endswith(tuple(exclude_suffixes))]
+    exclude_suffixes = tuple(exclude_suffixes)
+    counted = [w for w in unique if not w.name.split(":")[0].endswith(exclude_suffixes)]
     return int(sum(math.prod(int(d) for d in w.shape) for w in counted))
 
 
