@@ -153,7 +153,7 @@ def _within(name, packages):
 
 def test_the_walk_sees_the_package():
     assert {"tfqkd", "tfqkd.quant.transform", "tfqkd.dpu.transform", "tfqkd.export.dpu"} <= set(MODULES)
-    assert "tfqkd.quant.transform" in _graph(False)["tfqkd.dpu.transform"]
+    assert {"tfqkd.quant.layers", "tfqkd.graph"} <= _graph(False)["tfqkd.dpu.transform"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
@@ -178,6 +178,19 @@ def test_lower_layers_do_not_import_upper_layers():
                 offending.append(where)
             if _within(name, ("tfqkd.quant",)) and _within(target, ("tfqkd.dpu",)):
                 offending.append(where)
+    assert offending == []
+
+
+def test_shared_plumbing_sits_below_every_package():
+    """The top-level helper modules (graph, atomic, errors, compat, console) import no package of tfqkd."""
+    plumbing = ("tfqkd.graph", "tfqkd.atomic", "tfqkd.errors", "tfqkd.compat", "tfqkd.console")
+    packages = (*LOWER, *UPPER)
+    offending = [
+        f"{name}:{line} -> {target}"
+        for name in plumbing
+        for target, _, line in IMPORTS[name]
+        if _within(target, packages)
+    ]
     assert offending == []
 
 

@@ -3,8 +3,12 @@
 import numpy as np
 
 from tfqkd.compat import tf
+from tfqkd.errors import TfqkdError
 
-__all__ = ["take_inputs"]
+__all__ = ["CALIBRATION_EXAMPLES", "calibration_inputs", "take_inputs"]
+
+#: Inputs a quantizer calibration reads at most (activation ranges, signedness).
+CALIBRATION_EXAMPLES = 256
 
 
 def take_inputs(data, limit):
@@ -34,3 +38,18 @@ def take_inputs(data, limit):
     if isinstance(data, tuple):
         data = data[0]
     return np.asarray(data)[:limit]
+
+
+def calibration_inputs(data, limit=CALIBRATION_EXAMPLES):
+    """The inputs a calibration reads: up to ``limit`` examples of ``data`` (see :func:`take_inputs`).
+
+    Returns:
+      an ndarray, or None when ``data`` is None (the caller's defaults apply).
+
+    Raises:
+      TfqkdError: ``data`` holds no example.
+    """
+    x = take_inputs(data, limit)
+    if x is not None and (x.ndim < 2 or len(x) == 0):
+        raise TfqkdError("calibration data must hold at least one input example with a batch dimension")
+    return x

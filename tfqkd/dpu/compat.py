@@ -20,8 +20,9 @@ import dataclasses
 
 from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import AVGPOOL_FACTORS, LEAKY_ALPHAS, has_avgpool_factor
-from tfqkd.dpu.graph import consumer_map, inbound_names, pair
+from tfqkd.dpu.graph import pair
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import as_functional, config_consumers, inbound_names
 
 __all__ = ["CompatIssue", "CompatReport", "check_model", "require_compatible"]
 
@@ -97,14 +98,14 @@ def check_model(model):
       a :class:`CompatReport` listing every offending layer and why.
     """
     if isinstance(model, keras.Sequential) and model.built:
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
+        model = as_functional(model, "check_model()")
     issues = []
     if not getattr(model, "_is_graph_network", False):
         return CompatReport(model.name, [CompatIssue(model.name, type(model).__name__, "subclassed models cannot be exported; use a functional model")])
     config = model.get_config()
     layers_cfg = config["layers"]
     by_name = {e["name"]: e for e in layers_cfg}
-    consumers = consumer_map(layers_cfg)
+    consumers = config_consumers(layers_cfg)
     output_names = {item[0] for item in config["output_layers"]}
     if len(config["input_layers"]) != 1:
         issues.append(CompatIssue(model.name, "Model", f"the DPU runner takes one input, the model has {len(config['input_layers'])}"))

@@ -22,6 +22,7 @@ from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import codes
 from tfqkd.dpu.layers import DPUAveragePooling2D, DPUQuantizer
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import inbound_names
 
 __all__ = [
     "PASS_OPS",
@@ -30,9 +31,7 @@ __all__ = [
     "DPUGraph",
     "DPUNode",
     "bias_codes",
-    "consumer_map",
     "graph_from_dpu_model",
-    "inbound_names",
     "kernel_codes",
     "pair",
 ]
@@ -113,21 +112,6 @@ class DPUGraph:
                 raise TfqkdError(f"DPU node '{name}' has no position")
             node = nodes[node.inputs[0]]
         return int(node.pos["output"])
-
-
-def inbound_names(entry):
-    """Names of the layers feeding one layer entry of a functional model's config (first call)."""
-    nodes = entry.get("inbound_nodes") or []
-    return [item[0] for item in nodes[0]] if nodes else []
-
-
-def consumer_map(layers_cfg):
-    """``{layer name: [names of the layers reading its output]}`` of a functional model's config."""
-    consumers = {}
-    for entry in layers_cfg:
-        for source in inbound_names(entry):
-            consumers.setdefault(source, []).append(entry["name"])
-    return consumers
 
 
 def pair(value):

@@ -47,7 +47,7 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
       initial_pos: position until calibrated.
     """
 
-    kind = "pof2"
+    scheme = "pof2"
     STATE_NAMES = ("pos",)
 
     def __init__(self, bits=8, signed=True, narrow_range=False, rounding="half_up", initial_pos=4):

@@ -45,6 +45,7 @@ from typing import Dict, Optional
 
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import single_producer
 
 __all__ = [
     "CORES",
@@ -225,25 +226,17 @@ def cpu_layers(model):
     L = keras.layers
     conv_types = (L.Conv2D, L.DepthwiseConv2D, L.Dense)
 
-    def producer(layer):
-        nodes = getattr(layer, "_inbound_nodes", [])
-        if not nodes:
-            return None
-        inbound = nodes[0].inbound_layers
-        inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
-        return inbound[0] if len(inbound) == 1 else None
-
     out = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             out += cpu_layers(layer)
         elif isinstance(layer, L.BatchNormalization):
-            if not isinstance(producer(layer), conv_types):
+            if not isinstance(single_producer(layer), conv_types):
                 out.append(layer.name)
         elif isinstance(layer, (L.ReLU, L.Activation, L.LeakyReLU)):
-            p = producer(layer)
+            p = single_producer(layer)
             if isinstance(p, L.BatchNormalization):
-                p = producer(p)
+                p = single_producer(p)
             if not isinstance(p, conv_types):
                 out.append(layer.name)
     return out

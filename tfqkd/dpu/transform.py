@@ -36,19 +36,20 @@ import numpy as np
 from tfqkd.compat import keras
 from tfqkd.dpu.arithmetic import DPU_LEAKY_ALPHA
 from tfqkd.dpu.compat import check_model
-from tfqkd.dpu.graph import WEIGHTED_OPS, consumer_map, graph_from_dpu_model, inbound_names
+from tfqkd.dpu.graph import WEIGHTED_OPS, graph_from_dpu_model
 from tfqkd.dpu.layers import DPUAveragePooling2D, DPUQuantizer, dpu_custom_objects, is_dpu_model, output_quantizer
 from tfqkd.dpu.positions import solve_positions
+from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import as_functional, config_consumers, inbound_names
 from tfqkd.quant.layers import QConv2D, QDense, QDepthwiseConv2D
 from tfqkd.quant.policy import QuantSpec
 from tfqkd.quant.targets import QuantTarget, register_target
-from tfqkd.quant.transform import as_functional, first_batch
 
 __all__ = ["DPU_SPEC", "DPU_TARGET", "calibrate_dpu_positions", "fold_batchnorm", "quantize_for_dpu"]
 
 #: What the DPU target quantizes every Conv2D / DepthwiseConv2D / Dense with (the ``dpu`` preset).
-DPU_SPEC = QuantSpec(8, 8, kind="pof2")
+DPU_SPEC = QuantSpec(8, 8, scheme="pof2")
 
 
 def fold_batchnorm(kernel, bias, bn_weights, epsilon, depthwise=False):
@@ -125,8 +126,8 @@ def quantize_for_dpu(model, calibration_data=None, *, name=None):
 
     Args:
       model: functional or Sequential float model (e.g. ``tfqkd.create_model("densenet21_dpu")``).
-      calibration_data: one batch of inputs (array, or a tf.data.Dataset whose first batch is
-        used) for the activation positions; without it activations start at position 4.
+      calibration_data: inputs (an array, ``(x, y)`` or a tf.data.Dataset; up to 256 examples
+        are read) for the activation positions; without it activations start at position 4.
       name: name of the new model (default: the float model's).
 
     Returns:
@@ -143,7 +144,7 @@ def quantize_for_dpu(model, calibration_data=None, *, name=None):
         raise TfqkdError(report.one_line())
     config = model.get_config()
     layers_cfg = config["layers"]
-    consumers = consumer_map(layers_cfg)
+    consumers = config_consumers(layers_cfg)
     by_name = {entry["name"]: entry for entry in layers_cfg}
 
     tensors = {}  # float-model layer name -> new tensor
@@ -277,7 +278,7 @@ def calibrate_dpu_positions(model, calibration_data=None):
     if not is_dpu_model(model):
         raise TfqkdError("calibrate_dpu_positions() needs a model built by quantize_for_dpu()")
     graph = graph_from_dpu_model(model, read_positions=False)
-    batch = first_batch(calibration_data)
+    batch = calibration_inputs(calibration_data)
     act_absmax = {}
     if batch is not None:
         quantizers = [getattr(layer, "quantizer", None) for layer in model.layers]

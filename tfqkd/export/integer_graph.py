@@ -54,6 +54,7 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import as_functional, producer, tensor_consumers
 from tfqkd.export.integer_points import (
     OUTPUT_MARGIN, ActivationPoint, ChannelAffine, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
     channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
@@ -110,8 +111,7 @@ class IntegerGraph:
         if layout not in LAYOUTS:
             raise TfqkdError(f"unknown TFLite layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         self.layout = layout
-        if not getattr(model, "_is_graph_network", False):
-            raise TfqkdError("TFLite export needs a functional or Sequential Keras model, not a subclassed one")
+        model = as_functional(model, "TFLite export")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise TfqkdError("TFLite export supports models with one input and one output")
         offending = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers if type(layer).__name__ in UNSAFE_LAYER_TYPES]
@@ -126,8 +126,7 @@ class IntegerGraph:
         self.weight_grids = {}
         self._identity = set()
         self.output_ranges = {}
-        consumers = self._consumers()
-        self._consumer_map = consumers
+        consumers = tensor_consumers(self.model)
         for layer in model.layers:
             if isinstance(layer, QActivation):
                 if not isinstance(layer.quantizer, TfqkdQuantizer):
@@ -176,7 +175,7 @@ class IntegerGraph:
             point = self.points.get(layer.name)
             if not isinstance(point, WeightedPoint) or layer.name in self.pooled_first:
                 continue
-            source = self._producer_of(layer.input)
+            source = producer(layer.input)
             input_grid = self.activation_grids.get(source.name)
             output = None
             activation = getattr(layer, "activation", None)
@@ -186,13 +185,13 @@ class IntegerGraph:
                 if plain and not own_relu:
                     output = (self.activation_grids[self.concat_windows[layer.name]], False)
             elif plain:
-                users = consumers.get(str(id(layer.output)), [])
+                users = consumers.get(id(layer.output), [])
                 if len(users) == 1 and users[0].name in self._identity:
-                    users = consumers.get(str(id(users[0].output)), [])
+                    users = consumers.get(id(users[0].output), [])
                 relu = own_relu
                 if not relu and len(users) == 1 and type(users[0]).__name__ == "ReLU" and _plain_relu(users[0]):
                     relu = True
-                    users = consumers.get(str(id(users[0].output)), [])
+                    users = consumers.get(id(users[0].output), [])
                 grid = self._shared_grid(users)
                 if grid is not None:
                     output = (grid, relu)
@@ -200,13 +199,10 @@ class IntegerGraph:
             if output is not None and input_grid is not None:
                 # The tensor before the ReLU and the rounding: calibration data weights its thresholds.
                 before = layer
-                following = consumers.get(str(id(layer.output)), [])
+                following = consumers.get(id(layer.output), [])
                 if len(following) == 1 and following[0].name in self._identity:
                     before = following[0]
                 self._tuned[layer.name] = (input_grid, output, before.name)
-
-    def _producer_of(self, tensor):
-        return tensor._keras_history.layer
 
     def _shared_grid(self, layers):
         """The trained grid of ``layers`` when they are all activation quantizers on one grid, else None."""
@@ -226,13 +222,13 @@ class IntegerGraph:
             shape = layer.input.shape
             if shape.rank != 4 or not channels_last(layer):
                 continue
-            source = self._producer_of(layer.input)
+            source = producer(layer.input)
             if source.name not in self.activation_grids:
                 continue
-            users = consumers.get(str(id(layer.output)), [])
+            users = consumers.get(id(layer.output), [])
             if len(users) != 1 or type(users[0]).__name__ != "ReLU" or not _plain_relu(users[0]):
                 continue
-            target = self._shared_grid(consumers.get(str(id(users[0].output)), []))
+            target = self._shared_grid(consumers.get(id(users[0].output), []))
             if target is None:
                 continue
             found[layer.name] = ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
@@ -258,16 +254,16 @@ class IntegerGraph:
             activation = getattr(layer, "activation", None)
             if activation is not None and activation is not keras.activations.linear:
                 continue
-            source = self._producer_of(layer.input)
+            source = producer(layer.input)
             if source.name not in self.activation_grids:
                 continue
-            users = consumers.get(str(id(layer.output)), [])
+            users = consumers.get(id(layer.output), [])
             if len(users) != 1 or not isinstance(users[0], keras.layers.AveragePooling2D):
                 continue
             pool = users[0]
             if tuple(pool.pool_size) != tuple(pool.strides) or pool.padding != "valid":
                 continue
-            after = consumers.get(str(id(pool.output)), [])
+            after = consumers.get(id(pool.output), [])
             if len(after) != 1 or after[0].name not in self.activation_grids:
                 continue
             grid = self.activation_grids[source.name]
@@ -286,11 +282,11 @@ class IntegerGraph:
         for layer in self.model.layers:
             if not isinstance(self.points.get(layer.name), WeightedPoint):
                 continue
-            users = consumers.get(str(id(layer.output)), [])
+            users = consumers.get(id(layer.output), [])
             joins = (keras.layers.Concatenate, keras.layers.AveragePooling2D, keras.layers.MaxPooling2D)
             if layer.name in self.pooled_first or len(users) != 1 or not isinstance(users[0], joins):
                 continue
-            after = consumers.get(str(id(users[0].output)), [])
+            after = consumers.get(id(users[0].output), [])
             if len(after) == 1 and after[0].name in self.activation_grids:
                 found[layer.name] = after[0].name
         return found
@@ -307,9 +303,9 @@ class IntegerGraph:
         bns, pools = {}, {}
         for layer in self.model.layers:
             if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in self._identity:
-                producer = self._producer_of(layer.input)
-                if isinstance(producer, (keras.layers.Conv2D, keras.layers.Dense)) and len(
-                    consumers.get(str(id(producer.output)), [])
+                source = producer(layer.input)
+                if isinstance(source, (keras.layers.Conv2D, keras.layers.Dense)) and len(
+                    consumers.get(id(source.output), [])
                 ) == 1:
                     continue  # the converter folds it into the conv's weights and bias
                 if layer.input.shape.rank == 4 and channels_last(layer):
@@ -320,7 +316,7 @@ class IntegerGraph:
                 and layer.padding == "valid"
                 and layer.data_format == "channels_last"
             ):
-                users = consumers.get(str(id(layer.output)), [])
+                users = consumers.get(id(layer.output), [])
                 target = users[0].name if len(users) == 1 and users[0].name in self.activation_grids else None
                 pools[layer.name] = target
         return bns, pools
@@ -338,12 +334,12 @@ class IntegerGraph:
         for layer in self.model.layers:
             if not isinstance(layer, keras.layers.Concatenate) or layer.axis not in (-1, 3):
                 continue
-            target = self._shared_grid(consumers.get(str(id(layer.output)), []))
+            target = self._shared_grid(consumers.get(id(layer.output), []))
             if target is None:
                 continue
             inputs = {}
             for index, tensor in enumerate(layer.input):
-                source = self._producer_of(tensor).name
+                source = producer(tensor).name
                 grid = self.activation_grids.get(source)
                 if tensor.shape.rank != 4 or grid is None or grid.as_dict() == target.as_dict():
                     continue
@@ -368,12 +364,12 @@ class IntegerGraph:
             if layer.name not in self.points or not isinstance(self.points[layer.name], WeightedPoint):
                 continue
             last = layer
-            users = consumers.get(str(id(layer.output)), [])
+            users = consumers.get(id(layer.output), [])
             if len(users) == 1 and users[0].name in self._identity:
                 last = users[0]
-                users = consumers.get(str(id(last.output)), [])
+                users = consumers.get(id(last.output), [])
             if len(users) == 1 and type(users[0]).__name__ == "ReLU" and _plain_relu(users[0]):
-                users = consumers.get(str(id(users[0].output)), [])
+                users = consumers.get(id(users[0].output), [])
             if users and all(isinstance(u, QActivation) for u in users):
                 continue
             names.append(last.name)
@@ -423,17 +419,6 @@ class IntegerGraph:
                 hi = lo + 1e-6
             self.output_ranges[name] = (np.float32(lo), np.float32(hi))
 
-    def _consumers(self):
-        """Maps id(output KerasTensor) -> list of consuming layers, within this model."""
-        consumers = {}
-        for depth_nodes in self.model._nodes_by_depth.values():
-            for node in depth_nodes:
-                if node.is_input:
-                    continue
-                for tensor_id in node.flat_input_ids:
-                    consumers.setdefault(tensor_id, []).append(node.layer)
-        return consumers
-
     def _foldable_bn(self, layer, consumers):
         # Fold only when the conv's output feeds nothing but the BN and the conv has no activation of its own.
         if not isinstance(layer, _FOLDABLE_PRODUCERS):
@@ -441,7 +426,7 @@ class IntegerGraph:
         activation = getattr(layer, "activation", None)
         if activation is not None and activation is not keras.activations.linear:
             return None
-        users = consumers.get(str(id(layer.output)), [])
+        users = consumers.get(id(layer.output), [])
         if len(users) != 1 or not isinstance(users[0], keras.layers.BatchNormalization):
             return None
         bn = users[0]
@@ -475,7 +460,7 @@ class IntegerGraph:
                     outputs = self.channel_affines[layer.name](args[0])
                 elif integer and layer.name in self.pooled_first:
                     pool, target = self.pooled_first[layer.name]
-                    outputs = self.points[layer.name].pooled(args[0], pool, self.points[self._producer_of(layer.input).name])
+                    outputs = self.points[layer.name].pooled(args[0], pool, self.points[producer(layer.input).name])
                     outputs = fake_quant(outputs, *self.points[target].window)
                 elif integer and layer.name in self.concat_windows:
                     outputs = self.points[layer.name](args[0], integer)

@@ -14,7 +14,7 @@ tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
 * each activation quantizer becomes ``quantized_relu(bits, integer)`` (unsigned grids, after a
   ReLU) or ``quantized_bits(bits, integer, 0)`` (signed), whose step is the power of two
   ``2**(integer - bits)`` or ``2**(integer - bits + 1)``: exact when the trained step is a
-  power of two (policies with ``activation_kind: lsq_pof2``), otherwise the nearest power of two, and
+  power of two (policies with ``activation_scheme: lsq_pof2``), otherwise the nearest power of two, and
   the report names the layer and the ratio of the two steps.
 
 Everything else (BatchNormalization, pooling, concatenation, ReLU) is copied as it is.
@@ -36,7 +36,8 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.validate import compare_logits
 from tfqkd.quant.layers import QActivation, config_key, layer_quantizers, quantized_layer_classes, weight_quantizers
-from tfqkd.quant.transform import as_functional, qkeras_custom_objects, rename_references
+from tfqkd.graph import as_functional
+from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
 __all__ = ["stock_qkeras_model", "to_qkeras", "validate_qkeras"]
 

@@ -17,8 +17,10 @@ import warnings
 
 import numpy as np
 
-from tfqkd.compat import keras, tf
+from tfqkd.compat import keras
+from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
+from tfqkd.graph import as_functional, producer
 from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, quantized_layer_classes, weight_quantizers
 from tfqkd.quant.policy import (
     QUANTIZABLE_TYPES,
@@ -39,8 +41,6 @@ from tfqkd.quant.targets import list_targets
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX",
     "INTERMEDIATE_QUANTIZER_SUFFIX",
-    "as_functional",
-    "first_batch",
     "custom_objects",
     "is_quantized",
     "layer_specs",
@@ -108,9 +108,9 @@ def make_weight_quantizer(spec, bits=None):
       codes are the symmetric integers TFLite stores.
     """
     bits = spec.weight_bits if bits is None else bits
-    if spec.kind in ("lsq", "lsq_pof2"):
-        return LearnedStepQuantizer(bits, signed=True, narrow_range=True, power_of_two=spec.kind == "lsq_pof2")
-    if spec.kind == "affine":
+    if spec.scheme in ("lsq", "lsq_pof2"):
+        return LearnedStepQuantizer(bits, signed=True, narrow_range=True, power_of_two=spec.scheme == "lsq_pof2")
+    if spec.scheme == "affine":
         return AffineQuantizer(bits, signed=True)
     return Pof2Quantizer(bits, rounding="even")
 
@@ -128,48 +128,21 @@ def make_input_quantizer(spec, signed, initial_range=None):
     Returns:
       a tfqkd quantizer.
     """
-    if spec.input_kind in ("lsq", "lsq_pof2"):
-        quantizer = LearnedStepQuantizer(spec.activation_bits, signed=signed, power_of_two=spec.input_kind == "lsq_pof2")
+    if spec.input_scheme in ("lsq", "lsq_pof2"):
+        quantizer = LearnedStepQuantizer(spec.activation_bits, signed=signed, power_of_two=spec.input_scheme == "lsq_pof2")
         if initial_range is not None:
             quantizer.initial_step = initial_range / quantizer.qmax  # before the layer builds the state from it
         return quantizer
-    if spec.input_kind == "affine":
+    if spec.input_scheme == "affine":
         return AffineQuantizer(spec.activation_bits, signed=signed, running=True)
     return Pof2Quantizer(spec.activation_bits, rounding="half_up", running=True)
-
-
-def as_functional(model, what="quantize()"):
-    """The functional form of a Sequential or functional model (config rewriting needs it).
-
-    Args:
-      model: a Keras model.
-      what: the caller, named in the error.
-
-    Returns:
-      a functional keras.Model sharing ``model``'s layers.
-
-    Raises:
-      TfqkdError: unbuilt Sequential or subclassed model.
-    """
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise TfqkdError("the Sequential model must be built (give it an input shape) before quantizing")
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    if not getattr(model, "_is_graph_network", False):
-        raise TfqkdError(f"{what} needs a functional or Sequential Keras model, not a subclassed one")
-    return model
-
-
-def _producer(tensor):
-    history = tensor._keras_history
-    return history.layer
 
 
 def _is_non_negative(tensor, depth=0):
     """Structural guess: is this tensor the output of a ReLU-like layer?"""
     if depth > 50:
         return False
-    layer = _producer(tensor)
+    layer = producer(tensor)
     cls = type(layer).__name__
     if cls == "ReLU":
         return getattr(layer, "negative_slope", 0) == 0 and getattr(layer, "threshold", 0) >= 0
@@ -187,7 +160,7 @@ _MODEL_INPUT_RANGE = 1.0
 
 def _reads_model_input(tensor, depth=0):
     """Whether ``tensor`` is the model's input, possibly reshaped or padded on the way."""
-    layer = _producer(tensor)
+    layer = producer(tensor)
     if isinstance(layer, keras.layers.InputLayer):
         return True
     if depth > 20 or type(layer).__name__ not in _SIGN_PRESERVING or isinstance(layer.input, (list, tuple)):
@@ -229,16 +202,6 @@ def _calibration_outputs(model, tensors, batch):
             layer.set_weights(weights)
 
 
-def first_batch(calibration_data, max_examples=256):
-    """Up to ``max_examples`` inputs from an array or a dataset's first ``(x, ...)`` batch (or None)."""
-    if calibration_data is None:
-        return None
-    if isinstance(calibration_data, tf.data.Dataset):  # batches of (x, ...)
-        for batch in calibration_data.take(1):
-            return np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)[:max_examples]
-    return np.asarray(calibration_data)[:max_examples]
-
-
 def _intermediate_sources(model, specs):
     """Tensors an int8 runtime must hold with a scale of its own (for ``integer_intermediates``).
 
@@ -251,11 +214,6 @@ def _intermediate_sources(model, specs):
     """
     if not any(spec.activation_bits is not None for spec in specs.values()):
         return {}
-    consumers = {}
-    for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for inbound in tf.nest.flatten(node.input_tensors):
-                consumers.setdefault(id(inbound), []).append(layer)
     sources = {}
     for layer in model.layers:
         cls = type(layer).__name__
@@ -264,10 +222,10 @@ def _intermediate_sources(model, specs):
         tensor = layer.input
         if isinstance(tensor, (list, tuple)):
             continue
-        producer = _producer(tensor)
-        if isinstance(producer, keras.layers.InputLayer) or len(producer._inbound_nodes) != 1:
+        source = producer(tensor)
+        if isinstance(source, keras.layers.InputLayer) or len(source._inbound_nodes) != 1:
             continue
-        sources[producer.name] = not _is_non_negative(tensor)
+        sources[source.name] = not _is_non_negative(tensor)
     return sources
 
 
@@ -290,8 +248,8 @@ def quantize(
         the DPU, the DPU-exact model of :func:`tfqkd.dpu.quantize_for_dpu`
         (DPU variants only). A policy without one builds the generic twin,
         and warns when its specs equal a target's.
-      calibration_data: one batch of inputs (array) or a tf.data.Dataset whose
-        first batch is used; it initialises the activation intervals from the
+      calibration_data: inputs (an array, ``(x, y)`` or a tf.data.Dataset; up to
+        256 examples are read); it initialises the activation intervals from the
         min-max of the float model's activations and decides which inputs are
         signed. Without it, inputs after a ReLU are unsigned, others signed,
         and activation intervals start at [0, 4].
@@ -333,7 +291,7 @@ def quantize(
 
     integer_intermediates = integer_intermediates or policy.integer_intermediates
     intermediates = _intermediate_sources(model, specs) if integer_intermediates else {}
-    batch = first_batch(calibration_data)
+    batch = calibration_inputs(calibration_data)
     probe_values = {}
     intermediate_values = {}
     if batch is not None and specs:
@@ -423,8 +381,8 @@ def quantize(
 
 def _insert_intermediate_quantizers(layers, intermediates, specs):
     """Puts ``<producer>_q8`` (8-bit learned step) after each producer and re-wires its consumers."""
-    kinds = {spec.kind for spec in specs.values()}
-    kind = kinds.pop() if len(kinds) == 1 else "lsq"
+    schemes = {spec.scheme for spec in specs.values()}
+    scheme = schemes.pop() if len(schemes) == 1 else "lsq"
     renamed = {name: name + INTERMEDIATE_QUANTIZER_SUFFIX for name in intermediates}
 
     result = []
@@ -433,7 +391,7 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
         result.append(entry)
         name = entry["name"]
         if name in intermediates:
-            quantizer = make_input_quantizer(QuantSpec(8, 8, 32, kind), intermediates[name])
+            quantizer = make_input_quantizer(QuantSpec(8, 8, 32, scheme), intermediates[name])
             result.append(
                 {
                     "class_name": "QActivation",

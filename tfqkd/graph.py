@@ -1,0 +1,76 @@
+"""Reading a Keras model as a graph: the functional form, producers and consumers.
+
+Every pass that rewrites or lowers a model (``quantize``, the DPU transform, the TFLite and
+QKeras exporters, the DPU compatibility check) walks the same graph; these are its one set of
+accessors, for a built model (tensors and layers) and for a functional model's config
+(layer names).
+"""
+
+from tfqkd.compat import keras
+from tfqkd.errors import TfqkdError
+
+__all__ = ["as_functional", "config_consumers", "inbound_names", "producer", "single_producer", "tensor_consumers"]
+
+
+def as_functional(model, what="quantize()"):
+    """The functional form of a Sequential or functional model (config rewriting needs it).
+
+    Args:
+      model: a Keras model.
+      what: the caller, named in the error.
+
+    Returns:
+      a functional keras.Model sharing ``model``'s layers.
+
+    Raises:
+      TfqkdError: unbuilt Sequential or subclassed model.
+    """
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            raise TfqkdError(f"the Sequential model must be built (give it an input shape) before {what}")
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    if not getattr(model, "_is_graph_network", False):
+        raise TfqkdError(f"{what} needs a functional or Sequential Keras model, not a subclassed one")
+    return model
+
+
+def producer(tensor):
+    """The layer whose output ``tensor`` (a KerasTensor of a built model) is."""
+    return tensor._keras_history.layer
+
+
+def single_producer(layer):
+    """The one layer feeding ``layer`` on its first call, or None (an input layer, or several inputs)."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if not nodes:
+        return None
+    inbound = nodes[0].inbound_layers
+    inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
+    return inbound[0] if len(inbound) == 1 else None
+
+
+def tensor_consumers(model):
+    """``{id(KerasTensor): [layers reading it]}`` within ``model`` (its nested models count as layers)."""
+    consumers = {}
+    for depth_nodes in model._nodes_by_depth.values():
+        for node in depth_nodes:
+            if node.is_input:
+                continue
+            for tensor_id in node.flat_input_ids:
+                consumers.setdefault(int(tensor_id), []).append(node.layer)
+    return consumers
+
+
+def inbound_names(entry):
+    """Names of the layers feeding one layer entry of a functional model's config (first call)."""
+    nodes = entry.get("inbound_nodes") or []
+    return [item[0] for item in nodes[0]] if nodes else []
+
+
+def config_consumers(layers_cfg):
+    """``{layer name: [names of the layers reading its output]}`` of a functional model's config."""
+    consumers = {}
+    for entry in layers_cfg:
+        for source in inbound_names(entry):
+            consumers.setdefault(source, []).append(entry["name"])
+    return consumers
