@@ -27,7 +27,7 @@ import tfqkd  # noqa: F401  isort: skip  (selects Keras 2 before TensorFlow)
 import numpy as np
 
 from tfqkd.bench.command import benchmark, resolve_target, write_outputs
-from tfqkd.bench.convert import convert
+from tfqkd.export.tflite import convert
 from tfqkd.bench.latency import sweep, tflite_backend
 from tfqkd import atomic
 from tfqkd.bench.report import format_table, write_json
@@ -47,10 +47,10 @@ def study(model_name, batch, repeats, threads_list, log):
         model = create_model(name, num_classes=10)
         for kind, io8 in (("float32", None), ("int8", True), ("int8", False)):
             t0 = time.perf_counter()
-            content, conv = convert(model, kind, calib, int8_io=bool(io8))
+            content, _ = convert(model, calibration_data=calib, format=kind, int8_io=bool(io8))
             tag = f"{name}:{kind}" + ("" if io8 is None else (":int8io" if io8 else ":floatio"))
             graphs[tag] = content
-            log(f"converted {tag} with {conv} in {time.perf_counter() - t0:.0f} s")
+            log(f"converted {tag} in {time.perf_counter() - t0:.0f} s")
     backends = []
     for tag, content in graphs.items():
         for threads in threads_list:

@@ -6,7 +6,7 @@ Trains the grid a user would (no hand tuning): kl_mlp_student and dnn300 (the sa
 two-hidden-layer width-300 MLP under its thesis name) at w8a8 and w4a4,
 ``tfqkd.create_model(name, quant=policy)``, seeds 0-2 x {Adam 1e-3, SGD 0.05
 momentum 0.9}, 3 epochs at batch 64 on the 4,000 mnist5k training images; then
-``tfqkd.export.to_tflite(..., kind="int8", calibration_data=x_train[:512])`` and
+``tfqkd.export.to_tflite(..., format="int8", calibration_data=x_train[:512])`` and
 compares the file with the Keras model on the 1,000 mnist5k test images, on each
 runtime: LiteRT (XNNPACK), TensorFlow's tf.lite interpreter and tflite-runtime
 (2.14 in its own numpy<2 venv, given with ``--tflite-runtime-python``).
@@ -75,7 +75,7 @@ def measure(model, data, test, runtimes, workdir, tag):
     x_train = data[0]
     x_test, y_test = test
     path = Path(workdir) / f"{tag}.tflite"
-    result = to_tflite(model, path, calibration_data=x_train[:512], kind="int8", evaluation=(x_test, y_test),
+    result = to_tflite(model, path, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test),
                        runtimes=runtimes, force=True)  # fmt: skip
     report = result["validation"]
     keras_logits = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)

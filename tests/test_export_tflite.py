@@ -112,7 +112,7 @@ def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist
 def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist5k):
     """The issue's criterion 2 on the full trained densenet21 (its agreement check above is an xfail)."""
     model = _trained("densenet21", "w4a4", mnist5k)
-    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], kind="int8")
+    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], format="int8")
     info = read_tflite(result["path"])
     assert float_ops(info) == []
     _check_trained_grid(info, result)
@@ -122,7 +122,7 @@ def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates):
     x_train, _, x_test, y_test = mnist5k
     model = _trained(name, policy, mnist5k, integer_intermediates)
     out = tmp_path / f"{name}_{policy}.tflite"
-    result = to_tflite(model, out, calibration_data=x_train[:512], kind="int8", evaluation=(x_test, y_test))
+    result = to_tflite(model, out, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test))
     report = result["validation"]
     assert report["examples"] == 1000
     assert report["agreement"] >= 99.5, report
@@ -216,7 +216,7 @@ def test_layouts_compute_the_same_model(tmp_path, mnist5k):
     ops = {}
     for layout in ("speed", "compact"):
         path = tmp_path / f"{layout}.tflite"
-        to_tflite(model, path, kind="float32", layout=layout)
+        to_tflite(model, path, format="float32", layout=layout)
         interpreter, _ = load_interpreter(path)
         inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         interpreter.resize_tensor_input(inp["index"], x.shape)
@@ -233,7 +233,7 @@ def test_layouts_compute_the_same_model(tmp_path, mnist5k):
                            evaluation=(x_test[:300], y_test[:300]))
         assert result["validation"]["agreement"] >= 97.0, (layout, result["validation"])
     with pytest.raises(TfqkdError, match="layout"):
-        to_tflite(model, tmp_path / "x.tflite", kind="float32", layout="fastest")
+        to_tflite(model, tmp_path / "x.tflite", format="float32", layout="fastest")
 
 
 def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
@@ -337,8 +337,8 @@ def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist5k):
 def test_float_exports_match_keras_model(tmp_path, mnist5k):
     _, _, x_test, y_test = mnist5k
     model = _trained("kl_mlp_student", "w4a4", mnist5k)
-    for kind in ("float32", "float16"):
-        result = to_tflite(model, tmp_path / f"m_{kind}.tflite", kind=kind, evaluation=(x_test[:300], y_test[:300]))
+    for fmt in ("float32", "float16"):
+        result = to_tflite(model, tmp_path / f"m_{fmt}.tflite", format=fmt, evaluation=(x_test[:300], y_test[:300]))
         assert result["validation"]["agreement"] >= 99.5
     half = result["validation"]  # float16 weights: close, not necessarily identical
     assert half["accuracy_difference"] <= 0.5
@@ -350,8 +350,8 @@ def test_densenet21_int8_file_is_at_most_027_of_float32(tmp_path, mnist5k):
     model = tfqkd.quantize(float_model, "w8a8", x_train[:64])
     # The compact layout (MUL/ADD BNs, AVERAGE_POOL_2D) is the smallest file (measured 0.261);
     # "speed" stores its depthwise BNs' per-channel scales and zero points (0.274).
-    int8 = to_tflite(model, tmp_path / "d21_int8.tflite", calibration_data=x_train[:64], kind="int8", layout="compact")
-    f32 = to_tflite(model, tmp_path / "d21_float32.tflite", kind="float32", layout="compact")
+    int8 = to_tflite(model, tmp_path / "d21_int8.tflite", calibration_data=x_train[:64], format="int8", layout="compact")
+    f32 = to_tflite(model, tmp_path / "d21_float32.tflite", format="float32", layout="compact")
     assert int8["bytes"] <= 0.27 * f32["bytes"], (int8["bytes"], f32["bytes"])
     report = size_report(model, {"int8": int8["path"], "float32": f32["path"]})
     assert report["parameters"] == sum(int(np.prod(w.shape)) for w in float_model.trainable_weights)
@@ -440,7 +440,7 @@ def test_lambda_model_file_is_refused_unless_unsafe(tmp_path, mnist5k):
         assert "Lambda" in str(handle.attrs["model_config"])
     out = tmp_path / "out"
     with pytest.raises(TfqkdError, match="execute code"):
-        run_tflite_export(_export_args(tmp_path / "run", out, "--kind", "int8"))
+        run_tflite_export(_export_args(tmp_path / "run", out, "--format", "int8"))
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -468,7 +468,7 @@ def test_command_exports_run_directory(tmp_path, mnist5k, capsys):
     assert "agreement" in printed
     assert f"int8/float32 bytes: {size['int8_to_float32']:.3f} (speed layout; --layout compact" in printed
     with pytest.raises(TfqkdError, match="--force"):
-        run_tflite_export(_export_args(run, out, "--kind", "int8"))
+        run_tflite_export(_export_args(run, out, "--format", "int8"))
     assert run_tflite_export(_export_args(run, out, "--kind", "int8", "--force", "--float-io")) == 0
 
 
@@ -482,3 +482,12 @@ def test_cli_layout_choices_are_the_exporters():
         add(parser)
         action = next(a for a in parser._actions if a.dest == "layout")
         assert tuple(action.choices) == LAYOUTS and action.default == LAYOUTS[0] == "speed"
+
+
+def test_the_old_kind_argument_still_works_with_a_deprecation_warning(tmp_path):
+    model = keras.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    with pytest.warns(DeprecationWarning, match="kind= is deprecated, use format="):
+        result = to_tflite(model, tmp_path / "m.tflite", kind="float32")
+    assert result["format"] == "float32" and (tmp_path / "m.tflite").stat().st_size > 0
+    with pytest.raises(TfqkdError, match="unknown TFLite format 'int4'"):
+        to_tflite(model, tmp_path / "n.tflite", format="int4")

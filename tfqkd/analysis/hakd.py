@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tfqkd import atomic
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.export.runtimes import interpreter_class
+from tfqkd.export.tflite import calibration_batches, to_tflite, use_int8_builtins
 from tfqkd.export.validate import quantize_inputs, run_tflite
 from tfqkd.plotting import pyplot, save_figure
 
@@ -100,21 +102,11 @@ def default_grid(family="mobilenet"):
 # Backends ------------------------------------------------------------------------------------
 
 
-def _representative(calibration, n=64):
-    x = np.asarray(calibration[0] if isinstance(calibration, (tuple, list)) else calibration, np.float32)[:n]
-
-    def gen():
-        for i in range(len(x)):
-            yield [x[i : i + 1]]
-
-    return gen
-
-
 def convert_tflite_int8(model, path, calibration):
     """Converts a Keras model to a full-integer int8 .tflite file.
 
-    Uses the project exporter ``tfqkd.export.tflite.to_tflite`` when it is available and
-    accepts the model, else TensorFlow's ``TFLiteConverter`` with a representative dataset.
+    Uses the project exporter ``tfqkd.export.tflite.to_tflite`` when it accepts the model,
+    else TensorFlow's ``TFLiteConverter`` with a representative dataset.
 
     Args:
       model: float or quantized Keras model.
@@ -126,19 +118,13 @@ def convert_tflite_int8(model, path, calibration):
     """
     path = Path(path)
     try:
-        from tfqkd.export.tflite import to_tflite
-
-        to_tflite(model, path, calibration_data=np.asarray(calibration)[:256], kind="int8", int8_io=False, force=True)
+        to_tflite(model, path, calibration_data=np.asarray(calibration)[:256], format="int8", int8_io=False, force=True)
         return path, "tfqkd.export.tflite"
-    except ImportError:
-        tool = "tf.lite.TFLiteConverter"
-    except Exception as err:  # noqa: BLE001 - the project exporter is optional here; fall back
-        tool = f"tf.lite.TFLiteConverter (tfqkd exporter failed: {type(err).__name__})"
+    except TfqkdError as err:  # a float model the exporter does not take: TensorFlow's own converter
+        tool = f"tf.lite.TFLiteConverter (tfqkd exporter: {err})"
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(calibration)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    path.write_bytes(converter.convert())
+    use_int8_builtins(converter, calibration_batches(calibration, limit=64), int8_io=False)
+    atomic.write_bytes(path, converter.convert(), force=True)
     return path, tool
 
 

@@ -189,8 +189,8 @@ def benchmark(
         dict payload with ``table``, ``sweep``, ``ratios``, ``backends`` and
         run facts; JSON-serialisable.
     """
-    from tfqkd.bench.convert import convert
     from tfqkd.bench.latency import DEFAULT_BATCH_SIZES, keras_backend, summarize, sweep, tflite_backend
+    from tfqkd.export.tflite import convert
 
     threads = threads or os.cpu_count()
     float_model, quant_model = resolved["float_model"], resolved["quant_model"]
@@ -203,30 +203,31 @@ def benchmark(
                 continue
             items.append(keras_backend(key, f"CPU FP32 TensorFlow ({threads} thr)", float_model))
             continue
-        kind = {"tflite_fp32": "float32", "tflite_fp16": "float16", "tflite_int8": "int8"}[key]
+        fmt = {"tflite_fp32": "float32", "tflite_fp16": "float16", "tflite_int8": "int8"}[key]
         source = float_model
-        if kind == "int8" and quant_model is not None:
+        if fmt == "int8" and quant_model is not None:
             source = quant_model
         if source is None:
             notes.append(f"{key} skipped: no float model (pass a run directory with models/student_fp.h5)")
             continue
         t0 = time.perf_counter()
+        calibration_data = calibration if fmt == "int8" else None
         try:
-            content, converter = convert(source, kind, calibration, int8_io=int8_io, layout=layout)
+            content, _ = convert(source, calibration_data=calibration_data, format=fmt, int8_io=int8_io, layout=layout)
         except TfqkdError as err:
-            if kind == "int8" and source is quant_model and float_model is not None:
+            if fmt == "int8" and source is quant_model and float_model is not None:
                 notes.append(f"int8 from the float model by post-training quantization: {err}")
-                content, converter = convert(float_model, kind, calibration, int8_io=int8_io, layout=layout)
+                content, _ = convert(float_model, calibration_data=calibration, format=fmt, int8_io=int8_io, layout=layout)
             else:
                 raise
         if log:
-            log(f"converted {key} with {converter} in {time.perf_counter() - t0:.1f} s ({len(content) / 1e6:.2f} MB)")
+            log(f"converted {key} with tfqkd.export.tflite in {time.perf_counter() - t0:.1f} s ({len(content) / 1e6:.2f} MB)")
         label = {
             "float32": "CPU FP32 TFLite", "float16": "CPU FP16 TFLite", "int8": "QCPU int8 TFLite",
-        }[kind] + f" ({threads} thr{'' if xnnpack else ', no XNNPACK'})"
+        }[fmt] + f" ({threads} thr{'' if xnnpack else ', no XNNPACK'})"
         items.append(
             tflite_backend(key, label, content, num_threads=threads, xnnpack=xnnpack,
-                           info={"converter": converter, "int8_io": int8_io if kind == "int8" else None})
+                           info={"converter": "tfqkd.export.tflite", "int8_io": int8_io if fmt == "int8" else None})
         )
     if not items:
         raise TfqkdError("nothing to benchmark: " + "; ".join(notes))

@@ -9,11 +9,12 @@ from tfqkd.export.integer_graph import Grid, IntegerGraph
 from tfqkd.export.hls4ml import to_hls4ml
 from tfqkd.export.qkeras import to_qkeras, validate_qkeras
 from tfqkd.export.size import count_parameters, size_report, write_size_report
-from tfqkd.export.tflite import KINDS, convert, to_tflite
+from tfqkd.export.tflite import FORMATS, KINDS, convert, to_tflite
 from tfqkd.export.validate import format_report, run_tflite, validate_tflite
 
 __all__ = [
     "Grid",
+    "FORMATS",
     "IntegerGraph",
     "KINDS",
     "convert",

@@ -28,7 +28,7 @@ def add_tflite_arguments(parser):
 
     The caller owns ``--target`` and the positional ``source``
     (RUN_DIR_OR_MODEL_FILE). ``--out``, ``--dataset``, ``--data-dir``,
-    ``--force`` and ``--unsafe`` serve both targets; ``--kind`` and
+    ``--force`` and ``--unsafe`` serve both targets; ``--format`` and
     ``--float-io`` only TFLite.
 
     Args:
@@ -47,7 +47,8 @@ def add_tflite_arguments(parser):
                      help="precision of what no quantizer fixes (BN, additions, pooling); default ap_fixed<32,16>")  # fmt: skip
     group = parser.add_argument_group("TFLite (--target tflite)")
     group.add_argument(
-        "--kind", default="all", choices=("int8", "float32", "float16", "all"), help="which TFLite model(s) to write"
+        "--format", "--kind", dest="format", default="all", choices=("int8", "float32", "float16", "all"),
+        help="which TFLite model(s) to write (--kind is its old name)",
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
     group.add_argument(
@@ -151,7 +152,7 @@ def _print_check(what, report, dataset, report_path):
     for line in report["inexact"]:
         print(f"[tfqkd]   not exact: {line}")
     if report["inexact"]:
-        print("[tfqkd]   train with `kind: lsq_pof2` (or `activation_kind: lsq_pof2`) in the policy for steps it expresses exactly")
+        print("[tfqkd]   train with `scheme: lsq_pof2` (or `activation_scheme: lsq_pof2`) in the policy for steps it expresses exactly")
     print(f"[tfqkd] report: {report_path}", flush=True)
 
 
@@ -184,7 +185,7 @@ def run_hls4ml_export(args):
 def run_tflite_export(args):
     """Runs ``tfqkd export --target tflite`` with parsed arguments.
 
-    Writes ``<model>_<kind>.tflite`` for each kind, a
+    Writes ``<model>_<format>.tflite`` for each format, a
     ``.validation.json`` next to each, and ``<model>_size.json``; prints a
     short report.
 
@@ -200,7 +201,7 @@ def run_tflite_export(args):
     """
     import tfqkd.data as data
     from tfqkd.export.size import size_report, write_size_report
-    from tfqkd.export.tflite import KINDS, to_tflite
+    from tfqkd.export.tflite import FORMATS, to_tflite
     from tfqkd.export.validate import format_report
     from tfqkd.io import load_model
 
@@ -208,9 +209,9 @@ def run_tflite_export(args):
 
     runtimes = parse_runtimes(getattr(args, "runtimes", "auto"))  # unknown names fail before any work
     model_path, dataset, data_dir, out_dir = resolve_export_source(args)
-    kinds = KINDS if args.kind == "all" else (args.kind,)
+    formats = FORMATS if args.format == "all" else (args.format,)
     stem = model_path.stem
-    targets = {kind: out_dir / f"{stem}_{kind}.tflite" for kind in kinds}
+    targets = {fmt: out_dir / f"{stem}_{fmt}.tflite" for fmt in formats}
     size_path = out_dir / f"{stem}_size.json"
     if not args.force:
         existing = [str(p) for p in (*targets.values(), size_path) if p.exists()]
@@ -222,13 +223,13 @@ def run_tflite_export(args):
         dataset, n=min(_CALIBRATION_EXAMPLES, data.dataset_info(dataset).train_size), data_dir=data_dir
     )
     evaluation = data.load_arrays(dataset, "test", data_dir=data_dir)
-    print(f"[tfqkd] exporting {model_path} ({', '.join(kinds)}) to {out_dir}", flush=True)
-    for kind in kinds:
+    print(f"[tfqkd] exporting {model_path} ({', '.join(formats)}) to {out_dir}", flush=True)
+    for fmt in formats:
         result = to_tflite(
             model,
-            targets[kind],
+            targets[fmt],
             calibration_data=calibration,
-            kind=kind,
+            format=fmt,
             int8_io=not args.float_io,
             evaluation=evaluation,
             force=args.force,
@@ -236,7 +237,7 @@ def run_tflite_export(args):
             layout=args.layout,
             runtimes=runtimes,
         )
-        print(f"[tfqkd] {kind}: {result['path']} ({result['bytes']:,} bytes)")
+        print(f"[tfqkd] {fmt}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)
         rounded = result["rounded_batchnorm"]
         if rounded:
@@ -246,7 +247,7 @@ def run_tflite_export(args):
                 "in the policy",
                 flush=True,
             )
-    report = size_report(model, {kind: path for kind, path in targets.items()})
+    report = size_report(model, targets)
     report["layout"] = args.layout  # the file sizes depend on it (compact is ~5% smaller in int8)
     write_size_report(report, size_path, force=True)
     files = ", ".join(f"{label} {info['bytes']:,} B" for label, info in report["files"].items())

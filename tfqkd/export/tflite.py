@@ -9,21 +9,24 @@ float tensors get calibrated 8-bit ranges, and the converter runs with
 output is integer.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from tfqkd.compat import keras, tf
 from tfqkd import atomic
-from tfqkd.data.examples import take_inputs
+from tfqkd.compat import tf
+from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
 from tfqkd.export.integer_graph import IntegerGraph
+from tfqkd.graph import as_functional
 
-__all__ = ["KINDS", "calibration_batches", "convert", "to_tflite"]
+__all__ = ["FORMATS", "calibration_batches", "convert", "to_tflite", "use_int8_builtins"]
 
-#: Export kinds: the integer model and the two float references.
-KINDS = ("int8", "float32", "float16")
+#: TFLite formats: the integer model and the two float references.
+FORMATS = ("int8", "float32", "float16")
+KINDS = FORMATS  # the name before "kind" was split into scheme (quantizers) and format (files)
 # Calibration images used at most (ranges of BN/concat/add/logit tensors).
 _MAX_CALIBRATION = 512
 _CALIBRATION_BATCH = 64
@@ -43,12 +46,10 @@ def calibration_batches(calibration_data, limit=_MAX_CALIBRATION):
     Raises:
       TfqkdError: empty or malformed data.
     """
-    x = take_inputs(calibration_data, limit)
+    x = calibration_inputs(calibration_data, limit)
     if x is None:
         raise TfqkdError("int8 export needs calibration_data (a few hundred training inputs)")
     x = x.astype(np.float32)
-    if x.ndim < 2 or len(x) == 0:
-        raise TfqkdError("calibration_data must hold at least one input example with a batch dimension")
     return [x[i : i + _CALIBRATION_BATCH] for i in range(0, len(x), _CALIBRATION_BATCH)]
 
 
@@ -59,15 +60,48 @@ def _check_input_shape(model, batches):
         raise TfqkdError(f"calibration data has shape {got} per example, the model expects {expected}")
 
 
-def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=False, layout="speed"):
+def use_int8_builtins(converter, batches, int8_io=True):
+    """Sets a ``tf.lite.TFLiteConverter`` up for a full-integer int8 file.
+
+    Args:
+      converter: the converter (from a concrete function or a float Keras model).
+      batches: calibration input batches (:func:`calibration_batches`), fed one example at a time.
+      int8_io: int8 input and output tensors, else float32 with QUANTIZE/DEQUANTIZE at the ends.
+    """
+
+    def representative():
+        for batch in batches:
+            for i in range(len(batch)):
+                yield [batch[i : i + 1]]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    # Only integer builtins: the conversion fails rather than leave a float op behind.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    io_type = tf.int8 if int8_io else tf.float32
+    converter.inference_input_type = io_type
+    converter.inference_output_type = io_type
+
+
+def _format(format, kind):
+    """The ``format`` argument, or the deprecated ``kind`` one; checked."""
+    if kind is not None:
+        warnings.warn("TFLite export: kind= is deprecated, use format=", DeprecationWarning, stacklevel=3)
+        format = kind
+    if format not in FORMATS:
+        raise TfqkdError(f"unknown TFLite format {format!r}; use one of {', '.join(FORMATS)}")
+    return format
+
+
+def convert(model, *, calibration_data=None, format="int8", int8_io=True, unsafe=False, layout="speed", kind=None):
     """Converts a (quantized) Keras model to TFLite bytes.
 
     Args:
       model: functional Keras model, usually from :func:`tfqkd.quantize`.
       calibration_data: inputs for the ranges of tensors the model keeps in
         float (required for ``int8``).
-      kind: "int8" (full integer, trained grid kept), "float32" or "float16"
-        (weights stored as float16); the float kinds compute the trained
+      format: "int8" (full integer, trained grid kept), "float32" or "float16"
+        (weights stored as float16); the float formats compute the trained
         grids in float arithmetic, so they predict what the Keras model predicts.
       int8_io: int8 only: int8 input and output tensors (True) or float32
         with a QUANTIZE/DEQUANTIZE at the ends (False).
@@ -75,6 +109,7 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
       layout: "speed" (BNs and average pools as depthwise convs, the fast int8
         graph) or "compact" (the converter's MUL/ADD and AVERAGE_POOL_2D: a
         smaller file); see :data:`tfqkd.export.integer_graph.LAYOUTS`.
+      kind: the old name of ``format`` (deprecated).
 
     Returns:
       ``(tflite_bytes, graph)``: the flatbuffer and the
@@ -82,17 +117,16 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
       ``activation_grids`` and ``weight_grids`` are the trained scales).
 
     Raises:
-      TfqkdError: unsupported model, kind or data, or a converter failure.
+      TfqkdError: unsupported model, format or data, or a converter failure.
     """
-    if kind not in KINDS:
-        raise TfqkdError(f"unknown TFLite kind {kind!r}; use one of {', '.join(KINDS)}")
+    format = _format(format, kind)
     graph = IntegerGraph(model, unsafe=unsafe, layout=layout)
     batches = None
-    if kind == "int8":
+    if format == "int8":
         batches = calibration_batches(calibration_data)
         _check_input_shape(model, batches)
         graph.calibrate(batches)
-    integer = kind == "int8"
+    integer = format == "int8"
     spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="input")
     # autograph off: the twin is plain Python over the layer graph, nothing to convert.
     fn = tf.function(lambda x: graph(x, integer=integer), input_signature=[spec], autograph=False)
@@ -101,21 +135,9 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
     try:
         concrete = fn.get_concrete_function()
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-        if kind == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-
-            def representative():
-                for batch in batches:
-                    for i in range(len(batch)):
-                        yield [batch[i : i + 1]]
-
-            converter.representative_dataset = representative
-            # Only integer builtins: the conversion fails rather than leave a float op behind.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            io_type = tf.int8 if int8_io else tf.float32
-            converter.inference_input_type = io_type
-            converter.inference_output_type = io_type
-        elif kind == "float16":
+        if format == "int8":
+            use_int8_builtins(converter, batches, int8_io)
+        elif format == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
         data = converter.convert()
@@ -123,14 +145,14 @@ def convert(model, *, calibration_data=None, kind="int8", int8_io=True, unsafe=F
         raise
     except Exception as err:  # the converter raises ConverterError, RuntimeError, ValueError ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TfqkdError(f"TFLite {kind} conversion failed: {first[:300]}") from None
-    # Same lossless clean-up for every kind (names, unused tensors, duplicate buffers).
+        raise TfqkdError(f"TFLite {format} conversion failed: {first[:300]}") from None
+    # Same lossless clean-up for every format (names, unused tensors, duplicate buffers).
     return compact_tflite(data), graph
 
 
 def to_tflite(
-    model, out_path, *, calibration_data=None, kind="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
-    layout="speed", runtimes=None,
+    model, out_path, *, calibration_data=None, format="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
+    layout="speed", runtimes=None, kind=None,
 ):
     """Exports a quantized Keras model to a .tflite file.
 
@@ -146,7 +168,7 @@ def to_tflite(
       out_path: destination .tflite file; written atomically.
       calibration_data: training inputs (array, (x, y) or tf.data.Dataset) for
         the ranges of tensors the model keeps in float; required for int8.
-      kind: "int8", "float32" or "float16".
+      format: "int8", "float32" or "float16".
       int8_io: int8 input/output tensors (else float32 with QUANTIZE/DEQUANTIZE).
       evaluation: optional ``(x, y)`` arrays: validate the file with the edge
         runtime and write ``<out_path>.validation.json``.
@@ -155,9 +177,10 @@ def to_tflite(
       layout: "speed" or "compact" graph (see :func:`convert`).
       runtimes: with ``evaluation``: the runtimes to validate on (e.g. ``"litert,tflite-runtime"``,
         see :func:`tfqkd.export.runtimes.parse_runtimes`; None: the first installed).
+      kind: the old name of ``format`` (deprecated).
 
     Returns:
-      dict with ``path``, ``kind``, ``layout``, ``bytes``, ``activation_scales`` (trained
+      dict with ``path``, ``format``, ``layout``, ``bytes``, ``activation_scales`` (trained
       steps of each activation quantizer), ``weight_scales``, ``weight_code_multipliers``,
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
       does not: train with ``integer_intermediates`` to make it exact) and, with
@@ -170,26 +193,24 @@ def to_tflite(
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise TfqkdError(f"{out_path} exists; pass --force (force=True) to overwrite it")
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise TfqkdError("the Sequential model must be built before export")
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    model = as_functional(model, "TFLite export")
+    format = _format(format, kind)
     data, graph = convert(
-        model, calibration_data=calibration_data, kind=kind, int8_io=int8_io, unsafe=unsafe, layout=layout
+        model, calibration_data=calibration_data, format=format, int8_io=int8_io, unsafe=unsafe, layout=layout
     )
     atomic.write_bytes(out_path, data, force=force)
     result = {
         "path": str(out_path),
-        "kind": kind,
+        "format": format,
         "layout": layout,
-        "int8_io": bool(int8_io) if kind == "int8" else False,
+        "int8_io": bool(int8_io) if format == "int8" else False,
         "bytes": out_path.stat().st_size,
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
         "weight_scales": {name: step for name, (step, _) in graph.weight_grids.items()},
         # int8 weights store code * k at scale step / k (the same real weights; finer bias unit)
-        "weight_code_multipliers": graph.code_multipliers() if kind == "int8" else {},
+        "weight_code_multipliers": graph.code_multipliers() if format == "int8" else {},
         "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
-        "rounded_batchnorm": list(graph.rounded_batchnorms) if kind == "int8" else [],
+        "rounded_batchnorm": list(graph.rounded_batchnorms) if format == "int8" else [],
     }
     if evaluation is not None:
         from tfqkd.export.validate import validate_tflite
