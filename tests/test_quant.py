@@ -269,7 +269,8 @@ def test_bits_out_of_range_rejected(bits):
         ({"rules": [{"weight_bits": 4}]}, "match"),
         ({"rules": [{"match": "re:(", "weight_bits": 4}]}, "regex"),
         ({"rules": [{"layer_type": "BatchNormalization"}]}, "not quantizable"),
-        ({"default": {"kind": "fancy"}}, "kind"),
+        ({"default": {"scheme": "fancy"}}, "unknown quantizer scheme 'fancy'"),
+        ({"default": {"kind": "fancy"}}, "unknown quantizer scheme 'fancy'"),  # the key's old name
         ({"rules": "conv*"}, "list"),
     ],
 )
@@ -278,10 +279,25 @@ def test_malformed_policy_names_the_problem(data, match):
         QuantPolicy.from_dict(data)
 
 
+def test_policy_keys_of_the_old_vocabulary_still_read():
+    """``kind`` / ``activation_kind`` (tfqkd 0.2) are ``scheme`` / ``activation_scheme``: old YAML keeps working."""
+    old = QuantPolicy.from_dict({
+        "default": {"weight_bits": 4, "activation_bits": 4, "kind": "affine"},
+        "rules": [{"match": "head*", "activation_kind": "lsq_pof2"}],
+    })  # fmt: skip
+    new = QuantPolicy.from_dict({
+        "default": {"weight_bits": 4, "activation_bits": 4, "scheme": "affine"},
+        "rules": [{"match": "head*", "activation_scheme": "lsq_pof2"}],
+    })  # fmt: skip
+    assert old == new
+    assert new.default.scheme == "affine" and new.to_dict()["default"]["scheme"] == "affine"
+    assert "kind" not in new.to_dict()["default"]
+
+
 def test_uniform_learned_step_policies_by_name():
     for name, bits in (("w3a3", (3, 3)), ("w2a2", (2, 2)), ("w8a4", (8, 4))):
         spec = resolve_policy(name).default
-        assert (spec.weight_bits, spec.activation_bits, spec.kind) == (*bits, "lsq")
+        assert (spec.weight_bits, spec.activation_bits, spec.scheme) == (*bits, "lsq")
     with pytest.raises(TfqkdError, match="activation_bits must be an integer in"):
         resolve_policy("w4a17")
 

@@ -113,13 +113,13 @@ def bits_cost(costs, bits, objective="size", psmac=None, bias_bits=32):
     return total
 
 
-def policy_from_bits(bits, name="mixed", kind="lsq", default_bits=8):
+def policy_from_bits(bits, name="mixed", scheme="lsq", default_bits=8):
     """A QuantPolicy with one exact-name rule per layer.
 
     Args:
       bits: dict layer name -> bits (weights and input activations) or (weight, activation).
       name: policy name.
-      kind: quantizer kind of every layer ("lsq", "affine").
+      scheme: quantizer scheme of every layer ("lsq", "affine").
       default_bits: bits of layers not listed.
 
     Returns:
@@ -135,7 +135,7 @@ def policy_from_bits(bits, name="mixed", kind="lsq", default_bits=8):
         rules.append({"match": match, "weight_bits": int(wb), "activation_bits": int(ab)})
     data = {
         "name": name,
-        "default": {"weight_bits": default_bits, "activation_bits": default_bits, "kind": kind},
+        "default": {"weight_bits": default_bits, "activation_bits": default_bits, "scheme": scheme},
         "rules": rules,
     }
     return QuantPolicy.from_dict(data)

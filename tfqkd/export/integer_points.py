@@ -90,7 +90,7 @@ def weight_codes(quantizer, weight, layer_name):
     worst = int(np.max(np.abs(codes), initial=0))
     if worst > _WEIGHT_CODE_MAX:
         hint = (
-            " (asymmetric affine weights: their zero point shifts the codes; use the 'lsq' kind or 4-bit affine weights)"
+            " (asymmetric affine weights: their zero point shifts the codes; use the 'lsq' scheme or 4-bit affine weights)"
             if isinstance(quantizer, AffineQuantizer)
             else " (use a narrow-range weight quantizer)"
         )

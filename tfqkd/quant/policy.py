@@ -2,10 +2,10 @@
 
 A policy is data. It maps layers, by name (glob, or regex with a ``re:``
 prefix) and by Keras layer type, to a :class:`QuantSpec` (weight, bias and
-input-activation bits and the quantizer kind), with a default. It loads from
+input-activation bits and the quantizer scheme), with a default. It loads from
 a dict or YAML and prints as a table::
 
-    default: {weight_bits: 4, activation_bits: 4, kind: lsq}
+    default: {weight_bits: 4, activation_bits: 4, scheme: lsq}
     first_last_bits: 8          # optional: first and last layer at 8 bits
     integer_intermediates: true # optional: train for an exact int8 TFLite export
     target: dpu                 # optional: a hardware target (then no rules), see below
@@ -21,8 +21,8 @@ registered target: ``dpu`` (the Xilinx DPU, Vitis-AI pof2s; :mod:`tfqkd.dpu`).
 
 A hardware target is chosen explicitly, by the preset's name or by ``target: <name>`` in a
 policy: :func:`tfqkd.quant.quantize` then builds the target's model (for ``dpu``: BN folded,
-every tensor the DPU writes quantized). A policy that merely has the same bits and kind as a
-target (``default: {kind: pof2}``) but no ``target`` builds the generic QKeras twin with
+every tensor the DPU writes quantized). A policy that merely has the same bits and scheme as a
+target (``default: {scheme: pof2}``) but no ``target`` builds the generic QKeras twin with
 power-of-two quantizers, and ``quantize`` warns that it is not the DPU-exact model. A target
 fixes the quantization of every layer: ``target: dpu`` alone is a complete policy, and a
 ``default`` given with it must be the target's (8-bit ``pof2``); rules, ``first_last_bits`` and
@@ -51,8 +51,10 @@ __all__ = [
 QUANTIZABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
 #: "lsq_pof2": a learned step used as its nearest power of two, which stock QKeras, hls4ml and
 #: shift-only hardware express exactly.
-KINDS = ("lsq", "affine", "pof2", "lsq_pof2")
-_SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "kind", "activation_kind")
+SCHEMES = ("lsq", "affine", "pof2", "lsq_pof2")
+_SPEC_KEYS = ("weight_bits", "activation_bits", "bias_bits", "scheme", "activation_scheme")
+#: Policy keys of tfqkd 0.2, still read: ``kind`` is now ``scheme``.
+_OLD_SPEC_KEYS = {"kind": "scheme", "activation_kind": "activation_scheme"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,39 +67,39 @@ class QuantSpec:
         leave the input in float.
       bias_bits: bits of the bias, 1-32; 32 keeps it in float (it is added to
         the int32 accumulator on integer hardware).
-      kind: quantizer family: "lsq" (QKD learned step), "affine" (thesis
+      scheme: quantizer family: "lsq" (QKD learned step), "affine" (thesis
         running min-max), "pof2" (DPU power-of-two), "lsq_pof2" (learned
         power-of-two steps).
-      activation_kind: the input activations' family when it differs from
-        ``kind``: one of ``KINDS`` ("lsq_pof2": learned power-of-two
-        steps, exported exactly by ``tfqkd export --target qkeras``); None: ``kind``.
+      activation_scheme: the input activations' family when it differs from
+        ``scheme``: one of ``SCHEMES`` ("lsq_pof2": learned power-of-two
+        steps, exported exactly by ``tfqkd export --target qkeras``); None: ``scheme``.
     """
 
     weight_bits: int = 8
     activation_bits: int | None = 8
     bias_bits: int = 32
-    kind: str = "lsq"
-    activation_kind: str | None = None
+    scheme: str = "lsq"
+    activation_scheme: str | None = None
 
     def __post_init__(self):
         validate_bits(self.weight_bits, "weight_bits")
         if self.activation_bits is not None:
             validate_bits(self.activation_bits, "activation_bits")
         validate_bits(self.bias_bits, "bias_bits", high=32)
-        if self.kind not in KINDS:
-            raise TfqkdError(f"unknown quantizer kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.kind == "pof2" and (self.weight_bits != 8 or self.activation_bits not in (8, None)):
-            raise TfqkdError("the DPU quantizer kind 'pof2' supports 8 bits only")
-        if self.activation_kind is not None:
-            if self.activation_kind not in KINDS:
-                raise TfqkdError(f"unknown activation_kind {self.activation_kind!r}; expected one of {', '.join(KINDS)}")
-            if self.activation_kind == "pof2" and self.activation_bits not in (8, None):
-                raise TfqkdError("activation_kind 'pof2' (the DPU quantizer) supports 8 bits only; use 'lsq_pof2'")
+        if self.scheme not in SCHEMES:
+            raise TfqkdError(f"unknown quantizer scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        if self.scheme == "pof2" and (self.weight_bits != 8 or self.activation_bits not in (8, None)):
+            raise TfqkdError("the DPU quantizer scheme 'pof2' supports 8 bits only")
+        if self.activation_scheme is not None:
+            if self.activation_scheme not in SCHEMES:
+                raise TfqkdError(f"unknown activation_scheme {self.activation_scheme!r}; expected one of {', '.join(SCHEMES)}")
+            if self.activation_scheme == "pof2" and self.activation_bits not in (8, None):
+                raise TfqkdError("activation_scheme 'pof2' (the DPU quantizer) supports 8 bits only; use 'lsq_pof2'")
 
     @property
-    def input_kind(self):
+    def input_scheme(self):
         """The family of the input activation quantizer."""
-        return self.activation_kind or self.kind
+        return self.activation_scheme or self.scheme
 
     def replace(self, **changes):
         """A copy with some fields changed (validated)."""
@@ -105,18 +107,24 @@ class QuantSpec:
 
     def to_dict(self):
         out = dataclasses.asdict(self)
-        if out["activation_kind"] is None:
-            del out["activation_kind"]  # the default: the same family as the weights
+        if out["activation_scheme"] is None:
+            del out["activation_scheme"]  # the default: the same family as the weights
         return out
 
     def short(self):
         """Compact label such as ``lsq:w4a4``, ``lsq:w4a4(lsq_pof2)`` or ``lsq:w8a-`` (float input)."""
         a = "-" if self.activation_bits is None else self.activation_bits
-        other = f"({self.activation_kind})" if self.activation_kind not in (None, self.kind) else ""
-        return f"{self.kind}:w{self.weight_bits}a{a}{other}"
+        other = f"({self.activation_scheme})" if self.activation_scheme not in (None, self.scheme) else ""
+        return f"{self.scheme}:w{self.weight_bits}a{a}{other}"
+
+
+def _spec_fields(mapping):
+    """A policy mapping with the old key names (``kind``, ``activation_kind``) read as the new ones."""
+    return {_OLD_SPEC_KEYS.get(key, key): value for key, value in mapping.items()}
 
 
 def _spec_from_mapping(mapping, base, where):
+    mapping = _spec_fields(mapping)
     unknown = set(mapping) - set(_SPEC_KEYS)
     if unknown:
         raise TfqkdError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(_SPEC_KEYS)}")
@@ -256,7 +264,7 @@ class QuantPolicy:
         default = data.get("default", {})
         if default is not None:
             if not isinstance(default, dict):
-                raise TfqkdError("policy 'default' must be a mapping of weight_bits/activation_bits/bias_bits/kind")
+                raise TfqkdError("policy 'default' must be a mapping of weight_bits/activation_bits/bias_bits/scheme")
             default = _spec_from_mapping(default, QuantSpec(), "policy default")
         rules_data = data.get("rules", []) or []
         if not isinstance(rules_data, list):
@@ -266,7 +274,7 @@ class QuantPolicy:
         for i, rule in enumerate(rules_data):
             if not isinstance(rule, dict):
                 raise TfqkdError(f"policy rule {i} must be a mapping")
-            rule = dict(rule)
+            rule = _spec_fields(rule)
             match, layer_type = rule.pop("match", None), rule.pop("layer_type", None)
             _spec_from_mapping(rule, base, f"policy rule {i}")  # validates the values
             rules.append(Rule(match, layer_type, tuple(sorted(rule.items()))))
@@ -380,8 +388,8 @@ _PRESETS = {
     "w8a8": QuantPolicy(QuantSpec(8, 8), name="w8a8"),
     "w4a4": QuantPolicy(QuantSpec(4, 4), name="w4a4"),
     "w4a8": QuantPolicy(QuantSpec(4, 8), name="w4a8"),
-    "thesis8": QuantPolicy(QuantSpec(8, 8, kind="affine"), name="thesis8"),
-    "thesis4": QuantPolicy(QuantSpec(4, 4, kind="affine"), name="thesis4"),
+    "thesis8": QuantPolicy(QuantSpec(8, 8, scheme="affine"), name="thesis8"),
+    "thesis4": QuantPolicy(QuantSpec(4, 4, scheme="affine"), name="thesis4"),
 }
 
 
@@ -483,13 +491,13 @@ def layer_specs(model):
         weight_q = pairs[0][2]
         bias_q = getattr(layer, "bias_quantizer_internal", None)
         qin = _input_quantizer_layer(model, layer.name)
-        input_kind = None if qin is None else qin.quantizer.kind
+        input_scheme = None if qin is None else qin.quantizer.scheme
         specs[layer.name] = QuantSpec(
             weight_bits=weight_q.bits,
             activation_bits=None if qin is None else qin.quantizer.bits,
             bias_bits=bias_q.bits if isinstance(bias_q, TfqkdQuantizer) else 32,
-            kind=weight_q.kind,
-            activation_kind=None if input_kind in (None, weight_q.kind) else input_kind,
+            scheme=weight_q.scheme,
+            activation_scheme=None if input_scheme in (None, weight_q.scheme) else input_scheme,
         )
     return specs
 

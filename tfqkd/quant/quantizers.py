@@ -103,7 +103,7 @@ class TfqkdQuantizer:
     """
 
     #: Role-independent identifier used in policies ("lsq", "affine", "pof2", "lsq_pof2").
-    kind = None
+    scheme = None
     #: Names of the state weights any instance may create (``variable_specs`` keys).
     STATE_NAMES = ()
 
@@ -203,7 +203,7 @@ class TfqkdQuantizer:
 
     def __str__(self):
         flags = "" if self.signed else ",unsigned"
-        return f"{self.kind}({self.bits}{flags})"
+        return f"{self.scheme}({self.bits}{flags})"
 
     def get_config(self):
         config = {"bits": self.bits, "signed": self.signed, "narrow_range": self.narrow_range}
@@ -425,7 +425,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     converts their state (:meth:`upgrade_legacy`).
     """
 
-    kind = "lsq"
+    scheme = "lsq"
     STATE_NAMES = ("log_step",)
     #: How the state is stored; configs without it come from tfqkd 0.1 (linear step).
     PARAMETRIZATION = "log"
@@ -434,7 +434,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         self._init_common(bits, signed, narrow_range)
         self.power_of_two = bool(power_of_two)
         if self.power_of_two:
-            self.kind = "lsq_pof2"  # the policy kind that makes it
+            self.scheme = "lsq_pof2"  # the policy scheme that makes it
         if initial_step is None:
             initial_step = _DEFAULT_ACTIVATION_RANGE / self.qmax
         if not float(initial_step) > 0:
@@ -594,7 +594,7 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
       narrow_range: drop the most negative signed code.
     """
 
-    kind = "affine"
+    scheme = "affine"
     STATE_NAMES = ("min", "max")
 
     def __init__(self, bits=8, signed=True, symmetric=False, running=False, narrow_range=False):
@@ -678,7 +678,7 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
       running: keep a running maximum for the position (activations).
     """
 
-    kind = "pof2"
+    scheme = "pof2"
     STATE_NAMES = ("absmax",)
 
     def __init__(self, bits=8, signed=True, narrow_range=False, rounding="even", running=False):

@@ -1,7 +1,7 @@
 """Quantization targets: hardware whose arithmetic replaces the generic quantized twin.
 
 A policy names its target explicitly (``QuantPolicy.target``, the YAML key ``target``); it is
-never inferred from the bit widths or the quantizer kind. Without a target, :func:`quantize`
+never inferred from the bit widths or the quantizer scheme. Without a target, :func:`quantize`
 builds the generic QKeras twin for any policy. With one, the target's own builder makes the
 model, because the target fixes more than per-layer quantizers (the DPU folds BatchNormalization
 and quantizes every tensor it writes, :mod:`tfqkd.dpu`).
