@@ -66,7 +66,7 @@ CONFIG = {
     "weight_decay": 5.0e-4,
     "momentum": 0.9,
     "teacher_cache": "auto",
-    "stages": {
+    "schedules": {
         "teacher_baseline": {"epochs": 20, "lr": 0.1, "milestones": [5, 10, 15], "factor": 2, "warmup": 1},
         "student_baseline": {"epochs": 20, "lr": 0.1, "milestones": [5, 10, 15], "factor": 2, "warmup": 1},
         "ss": {"epochs": 6, "lr": 0.01, "milestones": [], "factor": 2, "warmup": 0},
@@ -94,8 +94,8 @@ def run_seed(config, seed, run_dir):
 
     # Matched-budget QAT: continue the SS model with cross-entropy for CS+TS epochs at the
     # SS rate, so its student has as many updates as the QKD path (SS+CS+TS).
-    extra = cfg["stages"]["cs"]["epochs"] + cfg["stages"]["ts"]["epochs"]
-    run.config["stages"]["ss_matched"] = dict(cfg["stages"]["ss"], epochs=extra)
+    extra = cfg["schedules"]["cs"]["epochs"] + cfg["schedules"]["ts"]["epochs"]
+    run.config["schedules"]["ss_matched"] = dict(cfg["schedules"]["ss"], epochs=extra)
     model = run.load_stage("student_ss_matched")
     if model is None:
         model = copy_model(run.load_stage("student_ss"))
@@ -141,7 +141,7 @@ def main(argv=None):
     if args.temperature is not None:
         config["temperature"] = args.temperature
     if args.ts_lr is not None:
-        config["stages"]["ts"]["lr"] = args.ts_lr
+        config["schedules"]["ts"]["lr"] = args.ts_lr
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="qkd_accuracy_"))
@@ -174,14 +174,14 @@ def main(argv=None):
         "qkd_minus_ss": round(qkd - mean["SS"], 2),
         "ptq_drop": round(fp - mean["Quantized (PTQ)"], 2),
     }
-    stages = config["stages"]
+    schedules = config["schedules"]
     schedule = {
-        "baseline_epochs": stages["student_baseline"]["epochs"],
+        "baseline_epochs": schedules["student_baseline"]["epochs"],
         "student_updates_in_epochs": {
-            "SS": stages["ss"]["epochs"],
-            "SS (matched budget)": stages["ss"]["epochs"] + stages["cs"]["epochs"] + stages["ts"]["epochs"],
-            "SS+TS": stages["ss"]["epochs"] + stages["ts"]["epochs"],
-            "QKD (SS+CS+TS)": stages["ss"]["epochs"] + stages["cs"]["epochs"] + stages["ts"]["epochs"],
+            "SS": schedules["ss"]["epochs"],
+            "SS (matched budget)": schedules["ss"]["epochs"] + schedules["cs"]["epochs"] + schedules["ts"]["epochs"],
+            "SS+TS": schedules["ss"]["epochs"] + schedules["ts"]["epochs"],
+            "QKD (SS+CS+TS)": schedules["ss"]["epochs"] + schedules["cs"]["epochs"] + schedules["ts"]["epochs"],
         },
         "note": (
             "SS (matched budget) continues the SS model with cross-entropy at the SS rate for CS+TS epochs, "
@@ -218,7 +218,7 @@ def main(argv=None):
         print(f"{name:<{width}}{s['test_top1_mean']:>15.2f} ± {s['test_top1_std']:<5.2f}   {seeds}")
     print(f"mean QKD >= mean SS (matched budget, {schedule['student_updates_in_epochs']['QKD (SS+CS+TS)']} epochs): "
           f"{checks['qkd_ge_ss_matched']} ({checks['qkd_minus_ss_matched']:+.2f} points)")  # fmt: skip
-    print(f"mean QKD >= mean SS (thesis row, {stages['ss']['epochs']} epochs): "
+    print(f"mean QKD >= mean SS (thesis row, {schedules['ss']['epochs']} epochs): "
           f"{checks['qkd_ge_ss']} ({checks['qkd_minus_ss']:+.2f} points)")
     print(f"mean QKD within 1.0 point of mean float student: {checks['qkd_within_1pt_of_float']} "
           f"({checks['qkd_minus_float']:+.2f} points)")

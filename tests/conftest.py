@@ -37,17 +37,17 @@ TINY_RECIPE = {
     "temperature": 4.0,
     "train_limit": 256,
     "eval_train_limit": 256,
-    "stages": {stage: {"epochs": 1, "lr": 0.05 if stage.endswith("baseline") else 0.01}
+    "schedules": {stage: {"epochs": 1, "lr": 0.05 if stage.endswith("baseline") else 0.01}
                for stage in ("teacher_baseline", "student_baseline", "ss", "cs", "ts")},
 }  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def write_recipe():
-    """``write_recipe(path, stages={...}, **fields)``: :data:`TINY_RECIPE` with changes, as YAML at ``path``."""
+    """``write_recipe(path, schedules={...}, **fields)``: :data:`TINY_RECIPE` with changes, as YAML at ``path``."""
 
-    def write(path, stages=None, **fields):
-        config = {**TINY_RECIPE, **fields, "stages": {**TINY_RECIPE["stages"], **(stages or {})}}
+    def write(path, schedules=None, **fields):
+        config = {**TINY_RECIPE, **fields, "schedules": {**TINY_RECIPE["schedules"], **(schedules or {})}}
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 

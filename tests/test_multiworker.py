@@ -171,7 +171,7 @@ def test_recipe_runs_under_mirrored_strategy_and_records_it(tmp_path, capsys, wr
     from tfqkd.recipes import baseline
 
     config = write_recipe(tmp_path / "baseline.yaml", student="dnn30", quant="w8a8", batch_size=32,
-                          stages={"student_baseline": {"epochs": 2, "lr": 0.05}})  # fmt: skip
+                          schedules={"student_baseline": {"epochs": 2, "lr": 0.05}})  # fmt: skip
     run_dir = tmp_path / "run"
     assert baseline.main(["--config", str(config), "--run-dir", str(run_dir), "--strategy", "mirrored"]) == 0
     assert "Traceback" not in capsys.readouterr().err

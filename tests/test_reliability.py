@@ -345,7 +345,7 @@ def test_no_evaluator_in_the_package():
 def _lr_1e6(write_recipe, path, **fields):
     """Epoch 1 of SS at 0.01; the milestone "divides" by 1e-8: a learning rate of 1e6 from epoch 2."""
     ss = {"epochs": 4, "lr": 0.01, "milestones": [1], "factor": 1.0e-8}
-    return write_recipe(path, batch_size=16, stages={"ss": ss}, **fields)
+    return write_recipe(path, batch_size=16, schedules={"ss": ss}, **fields)
 
 
 def _runner_has_guard():

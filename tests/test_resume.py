@@ -38,7 +38,7 @@ from tfqkd.training.checkpoint import (
 #: The shared tiny recipe (conftest), with more epochs, a warm-up and milestones to resume across.
 TINY_RESUME = dict(
     name="tiny-resume", seed=3, batch_size=32, train_limit=512,
-    stages={
+    schedules={
         "teacher_baseline": {"epochs": 2, "lr": 0.05, "warmup": 1},
         "student_baseline": {"epochs": 2, "lr": 0.05, "milestones": [1]},
         "ss": {"epochs": 2, "lr": 0.01},

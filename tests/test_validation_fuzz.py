@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import tfqkd.recipes.qkd as qkd
-from tfqkd.recipes.config import STAGES, budget_config
+from tfqkd.recipes.config import SCHEDULES, budget_config
 
 SEED = 20240501
 GARBAGE = [{"nested": [1, {"x": None}]}, [[None]], "\x00garbage", float("nan"), -(10**40), {"": {"": []}}]
@@ -134,15 +134,15 @@ def _config_mutations(rng, policy_files):
         add(f"name={value!r}", setter("name", value=value))
     # Stages: wrong nesting, missing and unknown stages and keys, bad schedule values.
     for value in (None, [], ["ss"], "ss", 5, {"ss": None}):
-        add(f"stages={value!r}", setter("stages", value=value))
-    add("del stages", deleter("stages"))
-    for stage in STAGES:
-        add(f"del {stage}", deleter("stages", stage))
-        add(f"{stage}=list", setter("stages", stage, value=[1, 0.1]))
-        add(f"{stage}=str", setter("stages", stage, value="fast"))
-        add(f"del {stage}.epochs", deleter("stages", stage, "epochs"))
-        add(f"del {stage}.lr", deleter("stages", stage, "lr"))
-        add(f"{stage}.unknown", setter("stages", stage, "lr_max", value=1))
+        add(f"schedules={value!r}", setter("schedules", value=value))
+    add("del schedules", deleter("schedules"))
+    for stage in SCHEDULES:
+        add(f"del {stage}", deleter("schedules", stage))
+        add(f"{stage}=list", setter("schedules", stage, value=[1, 0.1]))
+        add(f"{stage}=str", setter("schedules", stage, value="fast"))
+        add(f"del {stage}.epochs", deleter("schedules", stage, "epochs"))
+        add(f"del {stage}.lr", deleter("schedules", stage, "lr"))
+        add(f"{stage}.unknown", setter("schedules", stage, "lr_max", value=1))
     schedule_bad = {
         "epochs": [-1, 1.5, "2", 10**9, float("nan"), None],
         "lr": [0, -1, float("inf"), float("nan"), 1e7, "fast", None],
@@ -152,16 +152,16 @@ def _config_mutations(rng, policy_files):
     }
     for key, values in schedule_bad.items():
         for value in values:
-            stage = rng.choice(STAGES)
-            add(f"{stage}.{key}={value!r}", setter("stages", stage, key, value=value))
-    add("unknown stage", setter("stages", "kd", value={"epochs": 1, "lr": 0.1}))
+            stage = rng.choice(SCHEDULES)
+            add(f"{stage}.{key}={value!r}", setter("schedules", stage, key, value=value))
+    add("unknown stage", setter("schedules", "kd", value={"epochs": 1, "lr": 0.1}))
     # Unknown and odd top-level keys.
     for key in ("epochs", "lr", "Dataset", 3, _random_string(rng), "stage", "a\nb"):
         add(f"unknown key {key!r}", setter(key, value=1))
     add("nested garbage key", setter("extra", value={"deep": [{"deeper": [1, 2, {"x": None}]}]}))
     # Random garbage at random leaves (never a 'name', the only free-text setting).
-    leaves = [("stages", s, k) for s in STAGES for k in ("epochs", "lr", "milestones", "factor", "warmup")]
-    leaves += [(k,) for k in base if k not in ("name", "stages", "eval_train_limit")]
+    leaves = [("schedules", s, k) for s in SCHEDULES for k in ("epochs", "lr", "milestones", "factor", "warmup")]
+    leaves += [(k,) for k in base if k not in ("name", "schedules", "eval_train_limit")]
     for i in range(40):
         path = rng.choice(leaves)
         add(f"garbage {i} at {'.'.join(path)}", setter(*path, value=rng.choice(GARBAGE)))
@@ -186,7 +186,7 @@ def _bad_recipe_files(root, rng):
         "binary.yaml": valid.replace("mnist5k", "!!binary aGVsbG8="),
         "bad_binary.yaml": "dataset: !!binary '%%%'\n",
         "duplicate_anchor_bomb.yaml": _bomb(),
-        "bomb_in_stages.yaml": _bomb(8) + valid.replace("stages:", "stages_: *a7\nstages:"),
+        "bomb_in_stages.yaml": _bomb(8) + valid.replace("schedules:", "schedules_: *a7\nschedules:"),
         "recursive.yaml": "a: &x [*x]\n" + valid,
         "recursive_map.yaml": "a: &x {b: *x}\n" + valid,
         "deep.yaml": "x: " + "[" * 5000 + "]" * 5000 + "\n",

@@ -1,11 +1,18 @@
 """Recipe configuration: YAML files shipped with the package, validated.
 
 A recipe config holds the experiment (dataset, student, teacher, policy,
-seed, batch size, KD hyperparameters) and one schedule per training stage::
+seed, batch size, KD hyperparameters) and the optimizer schedules its stages train with::
 
-    stages:
+    schedules:
       teacher_baseline: {epochs: 200, lr: 0.1, milestones: [60, 120, 160], factor: 5, warmup: 2}
       ss: {epochs: 60, lr: 1.0e-6, milestones: [20, 40], factor: 5, warmup: 1}
+
+The words, one meaning each: a *phase* is one of QKD's three ways of training (``ss``, ``cs``,
+``ts``: :class:`tfqkd.QKD`'s ``train_step``); a *stage* is one ``compile``/``fit`` of a run,
+saved as ``models/<stage>.h5`` (``ss``, ``ss_ts``, ``cs``, ``qkd_ts``, ``student_fp`` ...);
+a *schedule* is the epochs and learning rates a stage trains with, named after the phase
+or baseline it serves (several stages may share one: ``ss_ts`` and ``qkd_ts`` use ``ts``).
+Files of tfqkd 0.2 call the schedules ``stages:``; they still load.
 
 The thesis experiments (section 5.7) ship as ``configs/thesis_*.yaml``;
 ``configs/quick.yaml`` is the few-epoch budget for a 2-core CPU. Every value
@@ -21,14 +28,15 @@ import yaml
 
 from tfqkd.errors import TfqkdError
 
-__all__ = ["STAGES", "budget_config", "load_config", "merge", "read_yaml_file", "safe_yaml", "validate_config"]
+__all__ = ["SCHEDULES", "budget_config", "load_config", "merge", "read_yaml_file", "safe_yaml", "validate_config"]
 
-#: Training stages a recipe may schedule, in pipeline order.
-STAGES = ("teacher_baseline", "student_baseline", "ss", "cs", "ts")
-_STAGE_KEYS = {"epochs", "lr", "milestones", "factor", "warmup"}
+#: The schedules of a recipe, in pipeline order.
+SCHEDULES = ("teacher_baseline", "student_baseline", "ss", "cs", "ts")
+STAGES = SCHEDULES  # their name in tfqkd 0.2
+_SCHEDULE_KEYS = {"epochs", "lr", "milestones", "factor", "warmup"}
 _TOP_KEYS = {
     "name", "dataset", "student", "teacher", "quant", "seed", "batch_size", "alpha", "temperature",
-    "weight_decay", "momentum", "stages", "teacher_cache", "eval_train_limit", "train_limit", "data_dir",
+    "weight_decay", "momentum", "schedules", "teacher_cache", "eval_train_limit", "train_limit", "data_dir",
 }  # fmt: skip
 # Thesis pairs per dataset (section 5.7) for the "thesis" budget.
 _THESIS_CONFIGS = {"cifar10": "thesis_cifar10.yaml", "cifar100": "thesis_cifar100.yaml", "mnist": "thesis_mnist.yaml"}
@@ -290,6 +298,11 @@ def validate_config(config):
     from tfqkd.data import list_datasets
     from tfqkd.models import list_models, model_info
 
+    if isinstance(config, dict) and "stages" in config:  # the schedules' name in tfqkd 0.2
+        if "schedules" in config:
+            raise TfqkdError("recipe: give 'schedules' (or its old name 'stages'), not both")
+        config["schedules"] = config.pop("stages")
+
     if not isinstance(config, dict):
         raise TfqkdError(f"recipe must be a mapping of settings, got {type(config).__name__}")
     unknown = set(config) - _TOP_KEYS
@@ -338,19 +351,19 @@ def validate_config(config):
             raise TfqkdError(f"data_dir must be a directory path, got {show(config['data_dir'])}")
         if Path(config["data_dir"]).exists() and not Path(config["data_dir"]).is_dir():
             raise TfqkdError(f"data_dir {show(config['data_dir'])} is not a directory")
-    stages = config.get("stages")
-    if not isinstance(stages, dict):
-        raise TfqkdError(f"recipe: 'stages' must map stage names to schedules, got {show(stages)}")
-    bad = set(stages) - set(STAGES)
+    schedules = config.get("schedules")
+    if not isinstance(schedules, dict):
+        raise TfqkdError(f"recipe: 'schedules' must map schedule names to {{epochs, lr, ...}}, got {show(schedules)}")
+    bad = set(schedules) - set(SCHEDULES)
     if bad:
-        raise TfqkdError(f"recipe: unknown stage(s) {_keys(bad)}; known: {', '.join(STAGES)}")
-    for stage in STAGES:
-        schedule = stages.get(stage)
+        raise TfqkdError(f"recipe: unknown schedule(s) {_keys(bad)}; known: {', '.join(SCHEDULES)}")
+    for stage in SCHEDULES:
+        schedule = schedules.get(stage)
         if not isinstance(schedule, dict):
-            raise TfqkdError(f"recipe: stage '{stage}' needs a schedule mapping (epochs, lr, ...), got {show(schedule)}")
-        unknown = set(schedule) - _STAGE_KEYS
+            raise TfqkdError(f"recipe: schedule '{stage}' needs a mapping (epochs, lr, ...), got {show(schedule)}")
+        unknown = set(schedule) - _SCHEDULE_KEYS
         if unknown:
-            raise TfqkdError(f"recipe stage '{stage}': unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_STAGE_KEYS))}")
+            raise TfqkdError(f"recipe schedule '{stage}': unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_SCHEDULE_KEYS))}")
         _number(schedule.get("epochs"), f"{stage}.epochs", low=0, high=100000, integer=True)
         _number(schedule.get("lr"), f"{stage}.lr", low=0, low_open=True, high=1e6)
         schedule.setdefault("milestones", [])
