@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from tfqkd.errors import TfqkdError
 from tfqkd.recipes import baseline, kd, ptq, qat, qkd
 
 THESIS_ROWS = ("Baseline (FP)", "Quantized (PTQ)", "SS", "SS+TS", "QKD (SS+CS+TS)")
@@ -184,3 +185,18 @@ def test_other_recipes_run(module, rows, model, tiny_config, tmp_path):
         assert (run_dir / name).is_file()
     for name in rows:
         assert name in out
+
+
+def test_recipes_of_the_old_vocabulary_still_load(tmp_path, write_recipe):
+    """tfqkd 0.2 called the schedules ``stages:``: such a file loads as the same recipe; both at once is an error."""
+    from tfqkd.recipes.config import load_config
+
+    new = load_config(write_recipe(tmp_path / "new.yaml"))
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text((tmp_path / "new.yaml").read_text().replace("schedules:", "stages:"))
+    assert "stages:" in old_file.read_text()
+    assert load_config(old_file) == new
+    both = tmp_path / "both.yaml"
+    both.write_text(old_file.read_text() + "schedules: {}\n")
+    with pytest.raises(TfqkdError, match="not both"):
+        load_config(both)

@@ -140,6 +140,13 @@ class RecipeStart:
     student_model: str = None
     unsafe: bool = False
 
+    @property
+    def policy(self):
+        """The run's :class:`~tfqkd.quant.QuantPolicy` (resolve it before :meth:`new_run`: a bad one writes nothing)."""
+        from tfqkd.quant import resolve_policy
+
+        return resolve_policy(self.config["quant"])
+
     def new_run(self):
         """The :class:`~tfqkd.recipes.runner.Run` (creates the run directory, loads the data)."""
         from tfqkd.recipes.runner import Run

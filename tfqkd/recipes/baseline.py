@@ -7,27 +7,23 @@ reports train and test top-1.
 
 import sys
 
-from tfqkd.console import run_cli
-from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.runner import require_file, train_baseline, write_results
+from tfqkd.recipes.entry import recipe_main
+from tfqkd.recipes.runner import train_baseline, write_results
 
 __all__ = ["main"]
 
 
+def _baseline(start):
+    config = start.config
+    run = start.new_run()
+    with run.scope():  # models and optimizers of the --strategy
+        run.record("Baseline (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
+        write_results(run, f"Baseline: {config['student']} on {config['dataset']}")
+
+
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    args = recipe_parser("tfqkd.recipes.baseline", __doc__.split("\n\n")[0]).parse_args(argv)
-
-    def go():
-        require_file(args.student_model, "student model")
-        start = start_recipe(args, "baseline")
-        config = start.config
-        run = start.new_run()
-        with run.scope():  # models and optimizers of the --strategy
-            run.record("Baseline (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
-            write_results(run, f"Baseline: {config['student']} on {config['dataset']}")
-
-    return run_cli(go, prog="tfqkd.recipes.baseline")
+    return recipe_main("baseline", __doc__, _baseline, argv)
 
 
 if __name__ == "__main__":

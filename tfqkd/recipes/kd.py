@@ -7,34 +7,29 @@ baseline schedule, and compares it with the student trained alone.
 
 import sys
 
-from tfqkd.console import run_cli
-from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.runner import require_file, train_baseline, write_results
+from tfqkd.recipes.entry import recipe_main
+from tfqkd.recipes.runner import train_baseline, write_results
 
 __all__ = ["main"]
 
 
+def _kd(start):
+    config = start.config
+    run = start.new_run()
+    with run.scope():  # models and optimizers of the --strategy
+        teacher = train_baseline(run, "teacher", start.teacher_model, start.unsafe)
+        run.record(f"Teacher (FP, {config['teacher']})", teacher)
+        run.record("Student alone (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
+        student = run.new_model("student")
+        run.train("kd", "student_baseline", student, teacher, phase="ts")
+        run.save_model(student, "student_kd")
+        run.record("Student with KD (FP)", student)
+        write_results(run, f"KD: {config['student']} from {config['teacher']} on {config['dataset']}")
+
+
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    args = recipe_parser("tfqkd.recipes.kd", __doc__.split("\n\n")[0]).parse_args(argv)
-
-    def go():
-        require_file(args.teacher_model, "teacher model")
-        require_file(args.student_model, "student model")
-        start = start_recipe(args, "kd")
-        config = start.config
-        run = start.new_run()
-        with run.scope():  # models and optimizers of the --strategy
-            teacher = train_baseline(run, "teacher", start.teacher_model, start.unsafe)
-            run.record(f"Teacher (FP, {config['teacher']})", teacher)
-            run.record("Student alone (FP)", train_baseline(run, "student", start.student_model, start.unsafe))
-            student = run.new_model("student")
-            run.train("kd", "student_baseline", student, teacher, phase="ts")
-            run.save_model(student, "student_kd")
-            run.record("Student with KD (FP)", student)
-            write_results(run, f"KD: {config['student']} from {config['teacher']} on {config['dataset']}")
-
-    return run_cli(go, prog="tfqkd.recipes.kd")
+    return recipe_main("kd", __doc__, _kd, argv)
 
 
 if __name__ == "__main__":

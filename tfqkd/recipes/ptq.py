@@ -8,33 +8,25 @@ reports the accuracy before and after.
 
 import sys
 
-from tfqkd.console import run_cli
-from tfqkd.quant import quantize, resolve_policy
-from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.runner import require_file, train_baseline, write_results
+from tfqkd.recipes.entry import recipe_main
+from tfqkd.recipes.runner import quantized_baseline, write_results
 
 __all__ = ["main"]
 
 
+def _ptq(start):
+    config, policy = start.config, start.policy
+    run = start.new_run()
+    with run.scope():  # models and optimizers of the --strategy
+        quantized = quantized_baseline(run, policy, start.student_model, start.unsafe)
+        run.save_model(quantized, "student_ptq")
+        run.record(f"Quantized (PTQ, {policy.name})", quantized)
+        write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")
+
+
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    args = recipe_parser("tfqkd.recipes.ptq", __doc__.split("\n\n")[0]).parse_args(argv)
-
-    def go():
-        require_file(args.student_model, "student model")
-        start = start_recipe(args, "ptq")
-        config = start.config
-        policy = resolve_policy(config["quant"])
-        run = start.new_run()
-        with run.scope():  # models and optimizers of the --strategy
-            student = train_baseline(run, "student", start.student_model, start.unsafe)
-            run.record("Baseline (FP)", student)
-            quantized = quantize(student, policy, run.calibration_batch())
-            run.save_model(quantized, "student_ptq")
-            run.record(f"Quantized (PTQ, {policy.name})", quantized)
-            write_results(run, f"PTQ: {config['student']} ({policy.name}) on {config['dataset']}")
-
-    return run_cli(go, prog="tfqkd.recipes.ptq")
+    return recipe_main("ptq", __doc__, _ptq, argv)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ uses the training images only, never the test set.
 import sys
 import time
 
-from tfqkd.console import run_cli
 from tfqkd.quant import quantize, resolve_policy
-from tfqkd.recipes.args import recipe_parser, start_recipe
-from tfqkd.recipes.runner import Run, copy_model, require_file, train_baseline, write_results
+from tfqkd.recipes.entry import recipe_main
+from tfqkd.recipes.runner import Run, copy_model, train_baseline, write_results
 
 __all__ = ["main", "run_qkd"]
 
@@ -156,21 +155,16 @@ def _keep_best_student(run, students):
     run.log(f"exported student (models/student_best.h5): {chosen}")
 
 
+def _qkd(start):
+    run_qkd(
+        start.config, start.run_dir, start.teacher_model, start.student_model, start.unsafe,
+        resume=start.resume, strategy=start.strategy, runtime=start.runtime,
+    )  # fmt: skip
+
+
 def main(argv=None):
     """Runs the recipe; returns the exit code (2 for bad input)."""
-    parser = recipe_parser("tfqkd.recipes.qkd", __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-
-    def go():
-        require_file(args.teacher_model, "teacher model")
-        require_file(args.student_model, "student model")
-        start = start_recipe(args, "qkd")
-        run_qkd(
-            start.config, start.run_dir, start.teacher_model, start.student_model, start.unsafe,
-            resume=start.resume, strategy=start.strategy, runtime=start.runtime,
-        )  # fmt: skip
-
-    return run_cli(go, prog="tfqkd.recipes.qkd")
+    return recipe_main("qkd", __doc__, _qkd, argv)
 
 
 if __name__ == "__main__":

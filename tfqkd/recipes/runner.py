@@ -36,7 +36,7 @@ from tfqkd.distill import QKD, precompute_teacher_logits
 from tfqkd.errors import TfqkdError
 from tfqkd.io import load_model
 from tfqkd.models import create_model
-from tfqkd.quant import custom_objects
+from tfqkd.quant import custom_objects, quantize
 from tfqkd.quant.quantizers import quantizer_state_suffixes
 from tfqkd.training import DivergenceGuard, WarmupMultiStep, make_sgd
 from tfqkd.training import check as check_divergence
@@ -246,12 +246,12 @@ class Run:
         )  # fmt: skip
         return precompute_teacher_logits(teacher, ordered, self.train_examples)
 
-    def train(self, name, stage, student, teacher=None, phase="ss"):
+    def train(self, name, schedule, student, teacher=None, phase="ss"):
         """Runs one compile/fit stage and saves the resulting student.
 
         Args:
-          name: stage name in the run directory (``ss``, ``ss_ts``, ``cs``, ...).
-          stage: key of the schedule in ``config["stages"]``.
+          name: the stage's name in the run directory (``ss``, ``ss_ts``, ``cs``, ...).
+          schedule: the key of its schedule in ``config["schedules"]``.
           student: the network being trained (modified in place).
           teacher: the teacher for ``cs``/``ts``.
           phase: "ss", "cs" or "ts".
@@ -259,7 +259,7 @@ class Run:
         Returns:
           the Keras History, or None if a resumed stage had no epoch left.
         """
-        schedule = self.config["stages"][stage]
+        schedule = self.config["schedules"][schedule]
         epochs = schedule["epochs"]
         stage_dir = self.run_dir / "stages" / name
         checkpoints = stage_dir / "checkpoints"
@@ -368,6 +368,22 @@ def require_file(path, what):
     """Raises a one-line error if ``path`` is not an existing file."""
     if path is not None and not Path(path).is_file():
         raise TfqkdError(f"{what} not found: {path}")
+
+
+def quantized_baseline(run, policy, reuse_path=None, unsafe=False):
+    """The float student (reused or trained, recorded as "Baseline (FP)") quantized with ``policy`` (PTQ).
+
+    Args:
+      run: the Run.
+      policy: the QuantPolicy.
+      reuse_path, unsafe: see :func:`train_baseline`.
+
+    Returns:
+      the quantized twin, its steps calibrated on :meth:`Run.calibration_batch`.
+    """
+    student = train_baseline(run, "student", reuse_path, unsafe)
+    run.record("Baseline (FP)", student)
+    return quantize(student, policy, run.calibration_batch())
 
 
 def train_baseline(run, role, reuse_path=None, unsafe=False):
