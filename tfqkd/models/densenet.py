@@ -20,7 +20,7 @@ from typing import Sequence, Tuple
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.models._checks import require_image_shape
-from tfqkd.models.registry import register_model
+from tfqkd.models.registry import register_variant
 
 __all__ = ["BLOCK_CONFIGS", "build_densenet", "build_densenet_dpu"]
 
@@ -77,6 +77,17 @@ def _imagenet_stem(x, filters: int):
     return layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
 
 
+def _stem(inputs, stem: str, channels: int, activated: bool):
+    """The CIFAR stem (a 3x3 conv, with BN-ReLU after it when ``activated``) or the ImageNet one."""
+    if stem != "cifar":
+        return _imagenet_stem(inputs, channels)
+    x = _conv(channels, 3, "stem_conv")(inputs)
+    if activated:
+        x = _bn("stem_bn")(x)
+        x = layers.ReLU(name="stem_relu")(x)
+    return x
+
+
 def build_densenet(
     model_name: str, blocks: Sequence[int], num_classes: int, input_shape: Tuple[int, ...], stem: str = "cifar"
 ) -> keras.Model:
@@ -97,10 +108,7 @@ def build_densenet(
     _check_stem(model_name, stem, input_shape)
     inputs = keras.Input(shape=input_shape, name="input")
     channels = 2 * GROWTH_RATE
-    if stem == "cifar":
-        x = _conv(channels, 3, "stem_conv")(inputs)
-    else:
-        x = _imagenet_stem(inputs, channels)
+    x = _stem(inputs, stem, channels, activated=False)
     for b, num_layers in enumerate(blocks, start=1):
         for i in range(1, num_layers + 1):
             prefix = f"block{b}_layer{i}"
@@ -149,12 +157,7 @@ def build_densenet_dpu(
     _check_stem(model_name, stem, input_shape)
     inputs = keras.Input(shape=input_shape, name="input")
     channels = 2 * GROWTH_RATE
-    if stem == "cifar":
-        x = _conv(channels, 3, "stem_conv")(inputs)
-        x = _bn("stem_bn")(x)
-        x = layers.ReLU(name="stem_relu")(x)
-    else:
-        x = _imagenet_stem(inputs, channels)
+    x = _stem(inputs, stem, channels, activated=True)
     for b, num_layers in enumerate(blocks, start=1):
         for i in range(1, num_layers + 1):
             prefix = f"block{b}_layer{i}"
@@ -179,18 +182,13 @@ def build_densenet_dpu(
 def _register(model_name: str, blocks: Tuple[int, ...]) -> None:
     depth = model_name[len("densenet"):]
 
+    cifar = dict(family="densenet", default_input_shape=(32, 32, 3), default_num_classes=10)
+
     def builder(num_classes: int, input_shape: Tuple[int, ...], stem: str = "cifar") -> keras.Model:
         return build_densenet(model_name, blocks, num_classes, input_shape, stem=stem)
 
-    # A distinct qualified name per model lets the registry tell a module reload from a clash.
-    builder.__qualname__ = f"build_{model_name}"
-    register_model(
-        model_name,
-        family="densenet",
-        default_input_shape=(32, 32, 3),
-        default_num_classes=10,
-        description=f"DenseNet-BC-{depth}, k=32, blocks {list(blocks)} (thesis table 5.2)",
-    )(builder)
+    description = f"DenseNet-BC-{depth}, k=32, blocks {list(blocks)} (thesis table 5.2)"
+    register_variant(model_name, builder, description=description, **cifar)
     if model_name not in DPU_MODELS:
         return
     dpu_name = f"{model_name}_dpu"
@@ -198,14 +196,8 @@ def _register(model_name: str, blocks: Tuple[int, ...]) -> None:
     def dpu_builder(num_classes: int, input_shape: Tuple[int, ...], stem: str = "cifar") -> keras.Model:
         return build_densenet_dpu(dpu_name, blocks, num_classes, input_shape, stem=stem)
 
-    dpu_builder.__qualname__ = f"build_{dpu_name}"
-    register_model(
-        dpu_name,
-        family="densenet",
-        default_input_shape=(32, 32, 3),
-        default_num_classes=10,
-        description=f"DenseNet-BC-{depth} with Conv-BN-ReLU layers for the Xilinx DPU (thesis 6.1)",
-    )(dpu_builder)
+    description = f"DenseNet-BC-{depth} with Conv-BN-ReLU layers for the Xilinx DPU (thesis 6.1)"
+    register_variant(dpu_name, dpu_builder, description=description, **cifar)
 
 
 for _name, _blocks in BLOCK_CONFIGS.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from tfqkd.compat import keras
-from tfqkd.models.registry import register_model
+from tfqkd.models.registry import register_variant
 
 __all__ = ["MLP_WIDTHS", "build_mlp"]
 
@@ -57,15 +57,10 @@ def _register(model_name: str, width: int) -> None:
     def builder(num_classes: int, input_shape: Tuple[int, ...]) -> keras.Model:
         return build_mlp(model_name, width, num_classes, input_shape)
 
-    # A distinct qualified name per model lets the registry tell a module reload from a clash.
-    builder.__qualname__ = f"build_{model_name}"
-    register_model(
-        model_name,
-        family="mlp",
-        default_input_shape=(28, 28, 1),
-        default_num_classes=10,
+    register_variant(
+        model_name, builder, family="mlp", default_input_shape=(28, 28, 1), default_num_classes=10,
         description=f"MNIST MLP, two hidden layers of {width} (thesis 5.2.1)",
-    )(builder)
+    )
 
 
 for _name, _width in MLP_WIDTHS.items():

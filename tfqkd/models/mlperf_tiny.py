@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 from tfqkd.compat import keras
 from tfqkd.models._checks import require_image_shape, require_vector_shape
+from tfqkd.models.blocks import depthwise_separable
 from tfqkd.models.registry import register_model
 
 __all__ = ["build_resnet8", "build_ds_cnn", "build_mobilenet_v1_025", "build_fc_autoencoder"]
@@ -35,6 +36,13 @@ def _depthwise(name: str, strides: int = 1) -> layers.Layer:
     return layers.DepthwiseConv2D(
         3, strides=strides, padding="same", depthwise_initializer="he_normal", name=name
     )
+
+
+# The reference models' depthwise-separable blocks: he_normal convs with biases, default BN, ReLU.
+_SEPARABLE = dict(
+    conv=_conv, depthwise=_depthwise, bn=lambda name: layers.BatchNormalization(name=name),
+    act=lambda name: layers.ReLU(name=name),
+)  # fmt: skip
 
 
 @register_model(
@@ -104,12 +112,7 @@ def build_ds_cnn(num_classes: int, input_shape: Tuple[int, ...]) -> keras.Model:
     x = layers.ReLU(name="stem_relu")(x)
     x = layers.Dropout(0.2, name="stem_dropout")(x)
     for b in range(1, 5):
-        x = _depthwise(f"block{b}_dwconv")(x)
-        x = layers.BatchNormalization(name=f"block{b}_dw_bn")(x)
-        x = layers.ReLU(name=f"block{b}_dw_relu")(x)
-        x = _conv(64, 1, f"block{b}_pwconv")(x)
-        x = layers.BatchNormalization(name=f"block{b}_pw_bn")(x)
-        x = layers.ReLU(name=f"block{b}_pw_relu")(x)
+        x = depthwise_separable(x, f"block{b}", 64, 1, **_SEPARABLE)
     x = layers.Dropout(0.4, name="head_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     outputs = layers.Dense(num_classes, name="head_dense")(x)
@@ -146,12 +149,7 @@ def build_mobilenet_v1_025(num_classes: int, input_shape: Tuple[int, ...]) -> ke
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for b, (filters, strides) in enumerate(_VWW_BLOCKS, start=1):
-        x = _depthwise(f"block{b}_dwconv", strides=strides)(x)
-        x = layers.BatchNormalization(name=f"block{b}_dw_bn")(x)
-        x = layers.ReLU(name=f"block{b}_dw_relu")(x)
-        x = _conv(filters, 1, f"block{b}_pwconv")(x)
-        x = layers.BatchNormalization(name=f"block{b}_pw_bn")(x)
-        x = layers.ReLU(name=f"block{b}_pw_relu")(x)
+        x = depthwise_separable(x, f"block{b}", filters, strides, **_SEPARABLE)
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     outputs = layers.Dense(num_classes, name="head_dense")(x)
     return keras.Model(inputs, outputs, name="mobilenet_v1_025")

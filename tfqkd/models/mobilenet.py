@@ -15,6 +15,7 @@ from typing import Tuple
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.models._checks import require_image_shape
+from tfqkd.models.blocks import depthwise_separable
 from tfqkd.models.registry import register_model
 
 __all__ = ["build_mobilenet_v1", "build_mobilenet_v2"]
@@ -102,12 +103,9 @@ def build_mobilenet_v1(num_classes: int, input_shape: Tuple[int, ...], width_mul
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
     for b, (filters, strides) in enumerate(_V1_BLOCKS, start=1):
-        x = _depthwise(f"block{b}_dwconv", strides)(x)
-        x = _bn(f"block{b}_dw_bn")(x)
-        x = _relu6(f"block{b}_dw_relu")(x)
-        x = _conv(max(1, int(filters * alpha)), 1, f"block{b}_pwconv")(x)
-        x = _bn(f"block{b}_pw_bn")(x)
-        x = _relu6(f"block{b}_pw_relu")(x)
+        x = depthwise_separable(
+            x, f"block{b}", max(1, int(filters * alpha)), strides, conv=_conv, depthwise=_depthwise, bn=_bn, act=_relu6
+        )
     x = layers.GlobalAveragePooling2D(name="head_pool")(x)
     outputs = layers.Dense(num_classes, name="head_dense")(x)
     return keras.Model(inputs, outputs, name="mobilenet_v1")

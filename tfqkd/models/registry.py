@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from tfqkd.errors import TfqkdError
 
-__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+__all__ = ["ModelInfo", "register_model", "register_variant", "create_model", "list_models", "model_info"]
 
 Builder = Callable[..., Any]
 
@@ -121,6 +121,24 @@ def register_model(
         return fn
 
     return decorator
+
+
+def register_variant(name: str, builder: Builder, **info: Any) -> Builder:
+    """Registers ``builder``, one of the closures a module makes in a loop over its variants.
+
+    Each closure gets the qualified name ``build_<name>``: a distinct one per model lets the
+    registry tell a module reload (same name) from a clash.
+
+    Args:
+        name: Registry name.
+        builder: ``builder(num_classes, input_shape, ...)``.
+        **info: The other arguments of :func:`register_model`.
+
+    Returns:
+        ``builder``.
+    """
+    builder.__qualname__ = f"build_{name}"
+    return register_model(name, **info)(builder)
 
 
 def list_models(family: Optional[str] = None) -> list[str]:
