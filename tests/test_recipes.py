@@ -200,3 +200,25 @@ def test_recipes_of_the_old_vocabulary_still_load(tmp_path, write_recipe):
     both.write_text(old_file.read_text() + "schedules: {}\n")
     with pytest.raises(TfqkdError, match="not both"):
         load_config(both)
+
+
+def test_export_bench_and_analyze_read_the_same_student_of_a_run_directory(tmp_path):
+    """One answer (tfqkd.rundir.quantized_student): student_best before student_qkd before student_ss ..."""
+    import yaml
+
+    import tfqkd
+    from tfqkd.analysis.command import resolve_source
+    from tfqkd.bench.command import resolve_target
+    from tfqkd.export.command import find_run_model
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "seed": 0}))
+    for stem in ("student_ss", "student_qkd", "student_best"):
+        model = tfqkd.create_model("kl_mlp_student", input_shape=(8, 8, 1), quant="w8a8")
+        model._name = stem  # each file says which it is
+        model.save(models / f"{stem}.h5")
+        chosen = models / f"{stem}.h5"
+        assert find_run_model(tmp_path)[0] == chosen
+        assert resolve_source(str(tmp_path), "digits")[0] == chosen
+        assert resolve_target(str(tmp_path))["quant_model"].name == stem
