@@ -34,12 +34,12 @@ from __future__ import annotations
 import numpy as np
 
 from tfqkd.compat import keras
+from tfqkd.data.examples import calibration_inputs
 from tfqkd.dpu.arithmetic import DPU_LEAKY_ALPHA
 from tfqkd.dpu.compat import check_model
 from tfqkd.dpu.graph import WEIGHTED_OPS, graph_from_dpu_model
 from tfqkd.dpu.layers import DPUAveragePooling2D, DPUQuantizer, dpu_custom_objects, is_dpu_model, output_quantizer
 from tfqkd.dpu.positions import solve_positions
-from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.graph import as_functional, config_consumers, inbound_names
 from tfqkd.quant.layers import QConv2D, QDense, QDepthwiseConv2D

@@ -54,11 +54,11 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.graph import as_functional, producer, tensor_consumers
 from tfqkd.export.integer_points import (
     OUTPUT_MARGIN, ActivationPoint, ChannelAffine, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
     channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
 )  # fmt: skip
+from tfqkd.graph import as_functional, producer, tensor_consumers
 from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.grid import Grid
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,19 @@ from tfqkd import atomic
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.validate import compare_logits
-from tfqkd.quant.layers import QActivation, config_key, layer_quantizers, quantized_layer_classes, weight_quantizers
 from tfqkd.graph import as_functional
+from tfqkd.quant.layers import QActivation, config_key, layer_quantizers, quantized_layer_classes, weight_quantizers
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
+
+# Stock QKeras layers write their quantizers with ``keras.constraints.serialize`` (qkeras/qlayers.py,
+# ``get_config``), and tf-keras warns for anything that is not a Constraint. The config written is
+# the one ``qkeras.utils.load_qmodel`` reads back (``validate_qkeras`` loads it in a fresh process),
+# so the warning would only alarm the user of an export that is correct. Nor is HDF5 "legacy" here:
+# it is the format load_qmodel reads.
+_QKERAS_SAVE_WARNINGS = (
+    r"The `keras\.constraints\.serialize\(\)` API should only be used",
+    r"You are saving your model as an HDF5 file",
+)
 
 __all__ = ["stock_qkeras_model", "to_qkeras", "validate_qkeras"]
 
@@ -116,7 +127,9 @@ def to_qkeras(model, path, *, evaluation=None, force=False):
     stock_model, report = stock_qkeras_model(model)
     report = {"path": str(path), **report}
     atomic.ensure_directory(path.parent, "QKeras export directory")
-    with atomic.replacing(path) as tmp:
+    with atomic.replacing(path) as tmp, warnings.catch_warnings():
+        for message in _QKERAS_SAVE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         stock_model.save(tmp)
     if evaluation is not None:
         report["validation"] = validate_qkeras(path, np.asarray(evaluation), model.predict(evaluation, verbose=0))
