@@ -52,3 +52,36 @@ def write_recipe():
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def trained_student(mnist5k):
+    """``trained_student(name, policy, **how)``: a quantized student trained on mnist5k, once per session.
+
+    The flow of most users: quantize the fresh float model (its steps calibrated on 256 training
+    images, or not at all with ``calibrated=False``, as ``create_model(name, quant=policy)`` does),
+    then ``fit`` with cross-entropy. ``how``: ``epochs`` (1), ``optimizer`` ("adam": Adam(1e-3);
+    "sgd": SGD(0.05, momentum 0.9)), ``seed`` (0), ``examples`` (the first N training images, 4,000).
+    Callers must not train the model further (it is shared).
+    """
+    import json
+
+    import tfqkd
+    from tfqkd.compat import keras
+
+    cache = {}
+
+    def train(name, policy, *, epochs=1, optimizer="adam", seed=0, examples=4000, calibrated=True):
+        key = (name, json.dumps(policy, sort_keys=True), epochs, optimizer, seed, examples, calibrated)
+        if key not in cache:
+            x, y = mnist5k.x_train[:examples], mnist5k.y_train[:examples]
+            keras.utils.set_random_seed(seed)
+            float_model = tfqkd.create_model(name, num_classes=10, input_shape=x.shape[1:])
+            model = tfqkd.quantize(float_model, policy, x[:256] if calibrated else None)
+            opt = keras.optimizers.Adam(1e-3) if optimizer == "adam" else keras.optimizers.SGD(0.05, momentum=0.9)
+            model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+            cache[key] = model
+        return cache[key]
+
+    return train
