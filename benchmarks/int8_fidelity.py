@@ -20,7 +20,12 @@ Per file: top-1 agreement, largest logit error in logits and in output steps
 (the int8 output tensor's scale) per runtime, the largest difference between
 runtimes, and ``output_grid_agreement``: the agreement of the Keras logits merely
 rounded onto the int8 output grid (ties broken as argmax does) -- the ceiling for
-any file with an int8 output. Writes ``results/int8_fidelity.json`` and ``.png``.
+any file with an int8 output.
+
+Each model is also exported with ``logits="float"`` (the same int8 body, the output
+Dense layer in float32): its figures are under ``float_logits``, with the largest
+error counted in steps of the int8 logits of the default file. Writes
+``results/int8_fidelity.json`` and ``.png``.
 """
 
 import argparse
@@ -71,6 +76,19 @@ def train_densenet(policy, integer_intermediates, seed, data):
     return model
 
 
+def _runtime_figures(report):
+    rows = {
+        label: {key: figures[key] for key in ("agreement", "max_output_steps", "max_logit_difference", "tflite_top1")}
+        | {key: figures[key] for key in ("version", "numpy") if key in figures}
+        for label, figures in report["runtimes"].items()
+    }
+    goal = {
+        label: figures["agreement"] >= GOAL["agreement"] and figures["max_output_steps"] <= GOAL["max_output_steps"]
+        for label, figures in rows.items()
+    }
+    return rows, goal
+
+
 def measure(model, data, test, runtimes, workdir, tag):
     x_train = data[0]
     x_test, y_test = test
@@ -78,6 +96,8 @@ def measure(model, data, test, runtimes, workdir, tag):
     result = to_tflite(model, path, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test),
                        runtimes=runtimes, force=True)  # fmt: skip
     report = result["validation"]
+    head = to_tflite(model, path.with_name(f"{tag}_float_logits.tflite"), calibration_data=x_train[:512], format="int8",
+                     evaluation=(x_test, y_test), runtimes=runtimes, force=True, logits="float")["validation"]  # fmt: skip
     keras_logits = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
     interpreter, _ = load_interpreter(path)
     scale, zero = interpreter.get_output_details()[0]["quantization"]
@@ -86,18 +106,14 @@ def measure(model, data, test, runtimes, workdir, tag):
         "keras_top1": report["keras_top1"],
         "output_step": float(scale),
         "output_grid_agreement": float(100.0 * np.mean(grid.argmax(-1) == keras_logits.argmax(-1))),
-        "runtimes": {
-            label: {key: figures[key] for key in ("agreement", "max_output_steps", "max_logit_difference", "tflite_top1")}
-            | {key: figures[key] for key in ("version", "numpy") if key in figures}
-            for label, figures in report["runtimes"].items()
-        },
         "between_runtimes": report.get("between_runtimes", {}),
         "unavailable": report.get("unavailable", {}),
     }
-    row["goal_met"] = {
-        label: figures["agreement"] >= GOAL["agreement"] and figures["max_output_steps"] <= GOAL["max_output_steps"]
-        for label, figures in row["runtimes"].items()
-    }
+    row["runtimes"], row["goal_met"] = _runtime_figures(report)
+    # logits="float": max_output_steps in steps of the int8 logits above; between_runtimes in logits.
+    float_runtimes, float_goal = _runtime_figures(head)
+    row["float_logits"] = {"runtimes": float_runtimes, "goal_met": float_goal,
+                           "between_runtimes": head.get("between_runtimes", {})}  # fmt: skip
     return row
 
 
@@ -112,6 +128,10 @@ def plot(rows, path):
             style = {"marker": markers[label], "color": colors[label], "alpha": 0.7}
             axes[0].scatter(i, figures["agreement"], label=label if i == 0 else None, **style)
             axes[1].scatter(i, figures["max_output_steps"], **style)
+        for label, figures in row["float_logits"]["runtimes"].items():
+            style = {"marker": markers[label], "edgecolors": colors[label], "facecolors": "none", "alpha": 0.7}
+            axes[0].scatter(i + 0.3, figures["agreement"], label=f"{label}, float logits" if i == 0 else None, **style)
+            axes[1].scatter(i + 0.3, figures["max_output_steps"], **style)
         axes[0].scatter(i, row["output_grid_agreement"], marker="_", color="k", s=80,
                         label="Keras logits on the int8 output grid" if i == 0 else None)  # fmt: skip
     axes[0].axhline(GOAL["agreement"], color="r", lw=0.8, ls="--")
@@ -182,6 +202,8 @@ def _line(row):
              f"{row['optimizer']}: grid ceiling {row['output_grid_agreement']:.1f}%"]  # fmt: skip
     for label, figures in row["runtimes"].items():
         parts.append(f"{label.split(' ')[0]} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
+    for label, figures in row["float_logits"]["runtimes"].items():
+        parts.append(f"float logits {label.split(' ')[0]} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
     for label, between in row["between_runtimes"].items():
         parts.append(f"{label.split(' ')[0]} vs first: {between['max_difference']:g} st, {between['identical_outputs']:.1f}% same")
     return "; ".join(parts)

@@ -192,3 +192,94 @@ def test_one_input_quantization_rounds_half_away_from_zero_like_tflite():
     codes = quantize_inputs(np.array([0.25, -0.25, 0.75, -0.75, 1.25, 100.0], np.float32), detail)
     np.testing.assert_array_equal(codes, [1, -1, 2, -2, 3, 127])  # np.round would give 0, -0, 2, -2, 2
     assert hakd.quantize_inputs is quantize_inputs
+
+
+# -- logits="float": the int8 body with the output Dense layer in float32 ---------------------------
+
+
+def _float_outputs_on_builtin_kernels(path, x):
+    """A float-output file on TFLite's built-in kernels (no XNNPACK), as tflite-runtime 2.14 runs it."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], quantize_inputs(x, detail))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
+
+
+def test_float_logits_close_the_int8_output_grid_gap(tmp_path, mnist5k):
+    """Issue 17's goal where the int8 output cannot reach it: >= 99.9% agreement and <= 2 output steps.
+
+    Measured (kl_mlp_student w4a4, Adam, seed 0): int8 logits 99.5% agreement (the Keras logits
+    rounded onto the same grid: 99.5%); float logits 100.0%, 0.28 steps (XNNPACK) and 0.64 (built-in kernels).
+    """
+    from tfqkd.export.inspect import float_ops, read_tflite
+
+    x_train, _, x_test, y_test = mnist5k
+    model = _user_model(mnist5k, "w4a4", "adam")
+    keras_logits = model.predict(x_test, verbose=0).astype(np.float64)
+    default = to_tflite(model, tmp_path / "int8.tflite", calibration_data=x_train[:512], evaluation=(x_test, y_test),
+                        runtimes="litert")  # fmt: skip
+    assert default["validation"]["agreement"] < 99.9  # the int8 output grid's ties (see the benchmark's output_grid_agreement)
+    result = to_tflite(model, tmp_path / "head.tflite", calibration_data=x_train[:512], evaluation=(x_test, y_test),
+                       runtimes="litert,tensorflow", logits="float")  # fmt: skip
+    assert result["logits"] == "float"
+    for figures in result["validation"]["runtimes"].values():
+        assert figures["agreement"] >= 99.9 and figures["max_output_steps"] <= 2.0, figures
+    step = result["validation"]["max_logit_difference"] / result["validation"]["max_output_steps"]
+    np.testing.assert_allclose(step, read_tflite(default["path"])["tensors"][read_tflite(default["path"])["outputs"][0]]["scales"][0])
+    builtin = _float_outputs_on_builtin_kernels(result["path"], x_test)
+    assert np.mean(builtin.argmax(-1) == keras_logits.argmax(-1)) >= 0.999
+    assert np.abs(builtin - keras_logits).max() <= 2.0 * step
+    # What the file is: int8 input, the int8 body, then DEQUANTIZE and one float FULLY_CONNECTED.
+    info, base = read_tflite(result["path"]), read_tflite(default["path"])
+    assert [op["op"] for op in info["ops"]] == [op["op"] for op in base["ops"]][:-1] + ["DEQUANTIZE", "FULLY_CONNECTED"]
+    assert info["tensors"][info["inputs"][0]]["dtype"] == "int8"
+    assert info["tensors"][info["outputs"][0]]["dtype"] == "float32"
+    assert len(float_ops(info)) == 1 and float_ops(info)[0].startswith("FULLY_CONNECTED")
+    # The float weights are the Keras layer's quantized kernel, bit for bit; the body's weights are unchanged.
+    head = model.get_layer("head_dense")
+    kernel = head.kernel_quantizer_internal(head.kernel, training=False).numpy()
+    fc = info["ops"][-1]
+    stored = [info["_interpreter"].get_tensor(i) for i in fc["inputs"] if info["tensors"][i]["shape"] == [10, 300]]
+    np.testing.assert_array_equal(stored[0], kernel.T)
+    body = [op for op in info["ops"] if op["op"] == "FULLY_CONNECTED"][:-1]
+    for op, ref in zip(body, [op for op in base["ops"] if op["op"] == "FULLY_CONNECTED"]):
+        np.testing.assert_array_equal(info["_interpreter"].get_tensor(op["inputs"][1]),
+                                      base["_interpreter"].get_tensor(ref["inputs"][1]))  # fmt: skip
+
+
+def test_float_logits_option_plumbing_and_one_line_errors(tmp_path, mnist5k, capsys):
+    import argparse
+
+    from tfqkd.cli import main
+
+    x_train, _, x_test, y_test = mnist5k
+    model = _user_model(mnist5k, "w4a4", "adam")
+    with pytest.raises(TfqkdError, match=r"^unknown logits 'int16'; use one of int8, float$"):
+        to_tflite(model, tmp_path / "x.tflite", calibration_data=x_train[:64], logits="int16")
+    assert not (tmp_path / "x.tflite").exists()
+    softmax = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+    with pytest.raises(TfqkdError, match="output layer is a Dense layer"):
+        to_tflite(softmax, tmp_path / "s.tflite", calibration_data=x_train[:64], logits="float")
+    # CLI: --logits float reaches the int8 file and its report; a bad value is one line, exit 2.
+    model_file = tmp_path / "student.h5"
+    model.save(model_file)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("source")
+    add_tflite_arguments(parser)
+    args = parser.parse_args([str(model_file), "--dataset", "mnist5k", "--format", "int8", "--logits", "float",
+                              "--out", str(tmp_path / "cli"), "--runtimes", "litert"])  # fmt: skip
+    assert run_tflite_export(args) == 0
+    assert "int8 with float32 logits" in capsys.readouterr().out
+    report = json.loads((tmp_path / "cli" / "student_int8.tflite.validation.json").read_text())
+    assert report["agreement"] >= 99.9 and report["max_output_steps"] <= 2.0, report
+    for bad in ("int4", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "--target", "tflite", str(model_file), "--logits", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--logits" in err[0] and "invalid choice" in err[0], err

@@ -28,8 +28,8 @@ def add_tflite_arguments(parser):
 
     The caller owns ``--target`` and the positional ``source``
     (RUN_DIR_OR_MODEL_FILE). ``--out``, ``--dataset``, ``--data-dir``,
-    ``--force`` and ``--unsafe`` serve both targets; ``--format`` and
-    ``--float-io`` only TFLite.
+    ``--force`` and ``--unsafe`` serve both targets; ``--format``,
+    ``--float-io`` and ``--logits`` only TFLite.
 
     Args:
       parser: an ``argparse.ArgumentParser`` (or sub-parser).
@@ -51,6 +51,11 @@ def add_tflite_arguments(parser):
         help="which TFLite model(s) to write (--kind is its old name)",
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
+    group.add_argument(
+        "--logits", choices=("int8", "float"), default="int8",  # float_head.LOGITS (TF-free import here)
+        help="int8 model's last layer: int8 (full integer, default; MCUs/DPUs need it) or float: the same int8 body "
+        "and the output Dense in float32, so near-tie logits are not merged by int8 rounding (float32 output)",
+    )
     group.add_argument(
         "--runtimes", default="auto", metavar="NAME[=PYTHON],...",
         help="validate each written file on these TFLite runtimes: litert, tflite-runtime, tensorflow (auto: the "
@@ -236,8 +241,10 @@ def run_tflite_export(args):
             unsafe=args.unsafe,
             layout=args.layout,
             runtimes=runtimes,
+            logits=getattr(args, "logits", "int8"),
         )
-        print(f"[tfqkd] {fmt}: {result['path']} ({result['bytes']:,} bytes)")
+        head = " with float32 logits" if fmt == "int8" and result["logits"] == "float" else ""
+        print(f"[tfqkd] {fmt}{head}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)
         rounded = result["rounded_batchnorm"]
         if rounded:

@@ -112,6 +112,8 @@ class IntegerGraph:
             raise TfqkdError(f"unknown TFLite layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         self.layout = layout
         model = as_functional(model, "TFLite export")
+        # The step of the int8 logits a float head replaced (tflite.convert(logits="float")), else None.
+        self.int8_logit_step = None
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise TfqkdError("TFLite export supports models with one input and one output")
         offending = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers if type(layer).__name__ in UNSAFE_LAYER_TYPES]

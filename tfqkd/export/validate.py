@@ -72,7 +72,8 @@ def run_tflite(model_path, x, batch_size=_BATCH, runtime=None):
     return dequantize_outputs(values, out), info["label"]
 
 
-def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, force=True, runtimes=None):
+def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, force=True, runtimes=None,
+                    output_step=None):
     """Compares a .tflite model with its Keras fake-quant source on labelled data, on one or more runtimes.
 
     Args:
@@ -85,6 +86,8 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
         (see :func:`tfqkd.export.runtimes.parse_runtimes`), a list of ``Runtime``, or None
         (the first installed). A requested runtime that is not installed is reported
         under ``unavailable`` (one line each); at least one must run.
+      output_step: for a float output, the step to count ``max_output_steps`` in (a
+        ``logits="float"`` file: the step of the int8 logits it replaced); None: none.
 
     Returns:
       dict: ``examples``, ``keras_top1`` and ``tflite_top1`` (percent),
@@ -113,7 +116,7 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
     keras_logits = np.asarray(keras_model.predict(x, batch_size=256, verbose=0), np.float32)
     inp, out = _io(model_path)
     codes = quantize_inputs(x, inp)
-    step = float(out["quantization"][0]) if np.issubdtype(out["dtype"], np.integer) else 0.0
+    step = float(out["quantization"][0]) if np.issubdtype(out["dtype"], np.integer) else float(output_step or 0.0)
     per_runtime, unavailable, raw = {}, {}, {}
     for runtime in runtimes:
         start = time.time()
