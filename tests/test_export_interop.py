@@ -173,6 +173,29 @@ def test_hls4ml_emulation_of_quantized_depthwise_convolutions_agrees(tmp_path, m
     assert check["top1_agreement"] >= 99.0 and check["max_abs_logit_difference"] < 0.05, check
 
 
+def test_hls4ml_emulation_of_a_flatten_before_dense_agrees_in_io_stream(tmp_path, mnist5k):
+    """tfqkd quantizes the Flatten's output before the Dense; hls4ml 1.3's io_stream computes an
+    activation after a Flatten on the wrong values (this model: 8.7% top-1 agreement, logits off
+    by 26.6 without the workaround in tfqkd.export.hls4ml_flatten)."""
+    pytest.importorskip("hls4ml")
+    from tfqkd.export.hls4ml import to_hls4ml
+
+    layers = keras.layers
+    x = inputs = keras.Input((28, 28, 1), name="input")
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(x)
+    x = layers.ReLU(name="relu")(layers.BatchNormalization(momentum=0.9, name="bn")(x))
+    float_model = keras.Model(inputs, layers.Dense(10, name="head")(layers.Flatten(name="flatten")(x)))
+    keras.utils.set_random_seed(0)
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
+    model = _trained_model(float_model, policy, mnist5k.x_train[:2000], mnist5k.y_train[:2000], epochs=2)
+    x, y = mnist5k.x_test[:300], mnist5k.y_test[:300]
+    assert np.mean(model.predict(x, verbose=0).argmax(1) == y) > 0.3
+    result = to_hls4ml(model, tmp_path / "project", io_type="io_stream", evaluation=x)
+    assert result["activations_before_flatten"] == ["head_qin"]
+    check = result["validation"]
+    assert check["top1_agreement"] >= 99.0 and check["max_abs_logit_difference"] < 0.05, check
+
+
 def test_hls4ml_emulation_of_activation_steps_of_one_and_more_agrees(tmp_path, mnist5k):
     """Inputs in [0, 32]: 4-bit activation steps of 2 and 4, which hls4ml 1.3 would type as
     ap_uint (truncating, wrapping, step 1: 92.1% agreement, logits off by 26.7)."""

@@ -2,7 +2,7 @@
 
 hls4ml compiles QKeras models to HLS. The student goes through its stock QKeras form
 (:func:`tfqkd.export.qkeras.stock_qkeras_model`), so hls4ml reads the trained bits and steps of
-every layer from the quantizers, not its defaults. Five things stand between hls4ml 1.3 and a
+every layer from the quantizers, not its defaults. Six things stand between hls4ml 1.3 and a
 tfqkd model, all handled here:
 
 * with TensorFlow 2.21 ``import keras`` is Keras 3, and hls4ml then takes its Keras-3 reader,
@@ -16,7 +16,10 @@ tfqkd model, all handled here:
   those layers get the ``ap_(u)fixed`` type QKeras computes, see :func:`_integer_step_activations`;
 * hls4ml 1.3 drops a quantized depthwise conv's alpha and folds the BatchNormalization after it
   into its narrow weight type (ds_cnn at 8 bits: 12% top-1 agreement): the alpha is moved out of
-  the layer and its output type set, see :mod:`tfqkd.export.hls4ml_depthwise`.
+  the layer and its output type set, see :mod:`tfqkd.export.hls4ml_depthwise`;
+* in io_stream hls4ml 1.3 computes an activation after a Flatten on the wrong values (and tfqkd
+  quantizes the input of every Dense): the activation goes before the Flatten, see
+  :mod:`tfqkd.export.hls4ml_flatten`.
 
 The project is written, its C++ emulation compiled with the system compiler, and the emulation's
 predictions compared with the tfqkd model's (``hls4ml_report.json`` next to the project).
@@ -37,6 +40,7 @@ from tfqkd import atomic
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.hls4ml_depthwise import factor_depthwise_alpha, quantized_depthwise_layers
+from tfqkd.export.hls4ml_flatten import activations_before_flatten
 from tfqkd.export.qkeras import stock_qkeras_model
 from tfqkd.export.validate import compare_logits
 
@@ -151,6 +155,9 @@ def to_hls4ml(
     rename = {name: next(f"{name}_{i}" for i in range(1, 100) if f"{name}_{i}" not in taken) for name in _RESERVED if name in taken}
     stock, report = stock_qkeras_model(model, rename=rename)
     stock, depthwise_alpha = factor_depthwise_alpha(stock)
+    before_flatten = []
+    if io_type == "io_stream":
+        stock, before_flatten = activations_before_flatten(stock)
     try:
         with _hls4ml_compatible():
             hls_config = hls4ml.utils.config_from_keras_model(
@@ -184,6 +191,7 @@ def to_hls4ml(
         "precisions": {name: cfg.get("Precision") for name, cfg in hls_config.get("LayerName", {}).items()},
         "inexact": report["inexact"],
         "depthwise_alpha": depthwise_alpha,
+        "activations_before_flatten": before_flatten,
         "compile_seconds": round(seconds, 1),
     }
     if evaluation is not None:

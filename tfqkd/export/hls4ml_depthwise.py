@@ -28,7 +28,7 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
-__all__ = ["factor_depthwise_alpha", "quantized_depthwise_layers"]
+__all__ = ["factor_depthwise_alpha", "quantized_depthwise_layers", "referenced_layers"]
 
 _SCALE_SUFFIX = "_alpha"
 #: Activations f with f(x / alpha) * alpha == f(x) for alpha > 0.
@@ -50,17 +50,17 @@ def _alpha(entry):
     return float(alpha) if isinstance(alpha, (int, float)) and alpha != 1 else None
 
 
-def _referenced(value):
+def referenced_layers(value):
     """Layer names an ``inbound_nodes``-style config value refers to (as :func:`rename_references` reads it)."""
     if isinstance(value, list):
         if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
             return {value[0]}
-        return set().union(*(_referenced(v) for v in value))
+        return set().union(*(referenced_layers(v) for v in value))
     return set()
 
 
 def _consumers(config, name):
-    return [entry for entry in config["layers"] if name in _referenced(entry["inbound_nodes"])]
+    return [entry for entry in config["layers"] if name in referenced_layers(entry["inbound_nodes"])]
 
 
 def _foldable_bn(config, name, outputs):
@@ -91,7 +91,7 @@ def factor_depthwise_alpha(model):
     """
     config = copy.deepcopy(model.get_config())
     weights = {layer.name: layer.get_weights() for layer in model.layers}
-    outputs = _referenced(config["output_layers"])
+    outputs = referenced_layers(config["output_layers"])
     moved = {}
     for entry in list(config["layers"]):
         if entry["class_name"] != "QDepthwiseConv2D" or _alpha(entry) is None:
