@@ -12,6 +12,7 @@ from tfqkd.cli import main
 from tfqkd.export.qkeras import to_qkeras
 
 POF2 = {"default": {"weight_bits": 4, "activation_bits": 4, "activation_kind": "lsq_pof2"}}
+POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
 
 
 def _trained(name, policy, mnist5k, epochs=1):
@@ -36,6 +37,21 @@ def test_power_of_two_activation_students_export_exactly(tmp_path, mnist5k, name
     check = report["validation"]
     assert check["examples"] == 1000 and check["top1_agreement"] >= 99.5, check
     assert json.loads((tmp_path / "stock.qkeras.json").read_text())["validation"] == check
+
+
+def test_power_of_two_weight_steps_on_qkeras_own_grid_keep_it(mnist5k):
+    """A 4-bit power-of-two weight step of 1/8 is quantized_bits(4, 0) at alpha 1; with alpha None
+    a QKeras layer would pick "auto_po2" scales per channel (this model: logits off by 0.22)."""
+    from tfqkd.export.qkeras import stock_qkeras_model
+
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(tfqkd.create_model("resnet8", num_classes=10, input_shape=(28, 28, 1)), POF2_ALL,
+                           mnist5k.x_train[:256])  # fmt: skip
+    stock, _ = stock_qkeras_model(model)
+    alphas = [layer.kernel_quantizer_internal.alpha for layer in stock.layers if hasattr(layer, "kernel_quantizer_internal")]
+    assert 1.0 in alphas and "auto_po2" not in alphas, alphas
+    x = mnist5k.x_test[:64]
+    np.testing.assert_allclose(stock.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
 def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_path, mnist5k):
@@ -77,8 +93,6 @@ def test_cli_export_target_qkeras(tmp_path, mnist5k, capsys):
 
 
 # hls4ml --------------------------------------------------------------------------------------
-
-POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
 
 
 def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist5k):
