@@ -12,6 +12,7 @@ from tfqkd.cli import main
 from tfqkd.export.qkeras import to_qkeras
 
 POF2 = {"default": {"weight_bits": 4, "activation_bits": 4, "activation_kind": "lsq_pof2"}}
+POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
 
 
 def _trained(name, policy, mnist5k, epochs=1):
@@ -36,6 +37,21 @@ def test_power_of_two_activation_students_export_exactly(tmp_path, mnist5k, name
     check = report["validation"]
     assert check["examples"] == 1000 and check["top1_agreement"] >= 99.5, check
     assert json.loads((tmp_path / "stock.qkeras.json").read_text())["validation"] == check
+
+
+def test_power_of_two_weight_steps_on_qkeras_own_grid_keep_it(mnist5k):
+    """A 4-bit power-of-two weight step of 1/8 is quantized_bits(4, 0) at alpha 1; with alpha None
+    a QKeras layer would pick "auto_po2" scales per channel (this model: logits off by 0.22)."""
+    from tfqkd.export.qkeras import stock_qkeras_model
+
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(tfqkd.create_model("resnet8", num_classes=10, input_shape=(28, 28, 1)), POF2_ALL,
+                           mnist5k.x_train[:256])  # fmt: skip
+    stock, _ = stock_qkeras_model(model)
+    alphas = [layer.kernel_quantizer_internal.alpha for layer in stock.layers if hasattr(layer, "kernel_quantizer_internal")]
+    assert 1.0 in alphas and "auto_po2" not in alphas, alphas
+    x = mnist5k.x_test[:64]
+    np.testing.assert_allclose(stock.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
 def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_path, mnist5k):
@@ -78,8 +94,6 @@ def test_cli_export_target_qkeras(tmp_path, mnist5k, capsys):
 
 # hls4ml --------------------------------------------------------------------------------------
 
-POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
-
 
 def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist5k):
     pytest.importorskip("hls4ml")
@@ -113,6 +127,103 @@ def test_hls4ml_emulation_of_a_residual_cnn_agrees_in_io_stream(tmp_path, mnist5
     assert result["precisions"]["stack1_conv2_qin"]["result"].startswith("ufixed<8,")
     check = result["validation"]
     assert check["top1_agreement"] >= 99.0 and check["max_abs_logit_difference"] < 0.1, check
+
+
+def _depthwise_cnn():
+    """Depthwise-separable blocks as in ds_cnn and MobileNet: one depthwise conv before a BN, one
+    (stride 2) without."""
+    layers = keras.layers
+    x = inputs = keras.Input((28, 28, 1), name="input")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", name="stem_conv")(x)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(momentum=0.9, name="stem_bn")(x))
+    x = layers.DepthwiseConv2D(3, padding="same", name="dw1")(x)
+    x = layers.ReLU(name="dw1_relu")(layers.BatchNormalization(momentum=0.9, name="dw1_bn")(x))
+    x = layers.Conv2D(32, 1, name="pw1")(x)
+    x = layers.ReLU(name="pw1_relu")(layers.BatchNormalization(momentum=0.9, name="pw1_bn")(x))
+    x = layers.ReLU(name="dw2_relu")(layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw2")(x))
+    x = layers.Conv2D(32, 1, name="pw2")(x)
+    x = layers.ReLU(name="pw2_relu")(layers.BatchNormalization(momentum=0.9, name="pw2_bn")(x))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, layers.Dense(10, name="head")(x))
+
+
+def _trained_model(model, policy, x, y, epochs):
+    model = tfqkd.quantize(model, policy, x[:256])
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+def test_stock_depthwise_alpha_moves_out_of_the_layer_exactly(mnist5k):
+    """The Keras-level rewrite hls4ml gets: same outputs, each depthwise quantizer at alpha 1."""
+    from tfqkd.export.hls4ml_depthwise import factor_depthwise_alpha
+    from tfqkd.export.qkeras import stock_qkeras_model
+
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(_depthwise_cnn(), "w8a8", mnist5k.x_train[:256])
+    stock, _ = stock_qkeras_model(model, rename={"input": "input_1"})
+    moved_model, moved = factor_depthwise_alpha(stock)
+    assert moved == {"dw1": "dw1_bn", "dw2": "dw2_alpha"}
+    assert all(moved_model.get_layer(name).get_config()["depthwise_quantizer"]["config"]["alpha"] == 1.0 for name in moved)
+    x = mnist5k.x_test[:64]
+    np.testing.assert_allclose(moved_model.predict(x, verbose=0), stock.predict(x, verbose=0), atol=1e-4)
+
+
+def test_hls4ml_emulation_of_quantized_depthwise_convolutions_agrees(tmp_path, mnist5k):
+    """hls4ml 1.3 leaves a QDepthwiseConv2D's alpha in its weights and folds the BN after it into
+    the quantizer's type (this model: 25.3% top-1 agreement, logits off by 4.1 without the
+    workaround in tfqkd.export.hls4ml_depthwise)."""
+    pytest.importorskip("hls4ml")
+    from tfqkd.export.hls4ml import to_hls4ml
+
+    keras.utils.set_random_seed(0)
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
+    model = _trained_model(_depthwise_cnn(), policy, mnist5k.x_train[:2000], mnist5k.y_train[:2000], epochs=3)
+    x, y = mnist5k.x_test[:300], mnist5k.y_test[:300]
+    assert np.mean(model.predict(x, verbose=0).argmax(1) == y) > 0.3
+    result = to_hls4ml(model, tmp_path / "project", io_type="io_stream", evaluation=x)
+    assert result["depthwise_alpha"] == {"dw1": "dw1_bn", "dw2": "dw2_alpha"} and result["inexact"] == []
+    check = result["validation"]
+    assert check["top1_agreement"] >= 99.0 and check["max_abs_logit_difference"] < 0.05, check
+
+
+def test_hls4ml_emulation_of_a_flatten_before_dense_agrees_in_io_stream(tmp_path, mnist5k):
+    """tfqkd quantizes the Flatten's output before the Dense; hls4ml 1.3's io_stream computes an
+    activation after a Flatten on the wrong values (this model: 8.7% top-1 agreement, logits off
+    by 26.6 without the workaround in tfqkd.export.hls4ml_flatten)."""
+    pytest.importorskip("hls4ml")
+    from tfqkd.export.hls4ml import to_hls4ml
+
+    layers = keras.layers
+    x = inputs = keras.Input((28, 28, 1), name="input")
+    x = layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(x)
+    x = layers.ReLU(name="relu")(layers.BatchNormalization(momentum=0.9, name="bn")(x))
+    float_model = keras.Model(inputs, layers.Dense(10, name="head")(layers.Flatten(name="flatten")(x)))
+    keras.utils.set_random_seed(0)
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
+    model = _trained_model(float_model, policy, mnist5k.x_train[:2000], mnist5k.y_train[:2000], epochs=2)
+    x, y = mnist5k.x_test[:300], mnist5k.y_test[:300]
+    assert np.mean(model.predict(x, verbose=0).argmax(1) == y) > 0.3
+    result = to_hls4ml(model, tmp_path / "project", io_type="io_stream", evaluation=x)
+    assert result["activations_before_flatten"] == ["head_qin"]
+    check = result["validation"]
+    assert check["top1_agreement"] >= 99.0 and check["max_abs_logit_difference"] < 0.05, check
+
+
+def test_hls4ml_emulation_of_activation_steps_of_one_and_more_agrees(tmp_path, mnist5k):
+    """Inputs in [0, 32]: 4-bit activation steps of 2 and 4, which hls4ml 1.3 would type as
+    ap_uint (truncating, wrapping, step 1: 92.1% agreement, logits off by 26.7)."""
+    pytest.importorskip("hls4ml")
+    from tfqkd.export.hls4ml import to_hls4ml
+
+    digits = mnist5k._replace(x_train=mnist5k.x_train * 32, x_test=mnist5k.x_test * 32)
+    model = _trained("kl_mlp_student", POF2_ALL, digits)
+    steps = [layer.quantizer.step.numpy()[0] for layer in model.layers if layer.name.endswith("_qin")]
+    assert min(steps) >= 2.0, steps
+    result = to_hls4ml(model, tmp_path / "project", evaluation=digits.x_test)
+    assert result["precisions"]["hidden1_dense_qin"]["result"].startswith("ufixed<4,")
+    check = result["validation"]
+    assert check["top1_agreement"] == 100.0 and check["max_abs_logit_difference"] < 1e-3, check
 
 
 def test_hls4ml_target_says_how_to_install_it(tmp_path, monkeypatch, capsys):

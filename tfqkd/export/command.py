@@ -44,7 +44,7 @@ def add_tflite_arguments(parser):
     hls.add_argument("--backend", default="Vitis", help="hls4ml backend: Vitis, Vivado, Catapult, oneAPI")
     hls.add_argument("--io-type", default="io_parallel", choices=("io_parallel", "io_stream"))
     hls.add_argument("--default-precision", default=None,
-                     help="precision of what no quantizer fixes (BN, additions, pooling); default ap_fixed<32,16>")  # fmt: skip
+                     help="precision of what no quantizer fixes (BN, additions, pooling); default ap_fixed<48,16>")  # fmt: skip
     group = parser.add_argument_group("TFLite (--target tflite)")
     group.add_argument(
         "--format", "--kind", dest="format", default="all", choices=("int8", "float32", "float16", "all"),

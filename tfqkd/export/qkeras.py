@@ -5,7 +5,7 @@ ranges). Tools that only know stock QKeras (``qkeras.utils.load_qmodel`` on a ma
 tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
 
 * a weight quantizer with a power-of-two step ``s >= 2**-(bits-1)`` becomes
-  ``quantized_bits(bits, log2(s) + bits - 1, symmetric)``, QKeras' own grid; any other becomes
+  ``quantized_bits(bits, log2(s) + bits - 1, symmetric, alpha=1)``, QKeras' own grid; any other becomes
   ``quantized_bits(bits, 0, symmetric, keep_negative=1, alpha=s * 2**(bits-1))`` on the kernel
   divided by that ``alpha`` (hls4ml then applies ``alpha`` in a fixed-point scale layer): QKeras rounds
   ``kernel * 2**(bits-1)`` and multiplies by ``alpha / 2**(bits-1)``, so it computes exactly the
@@ -69,8 +69,11 @@ def _weight_quantizer(quantizer, values, layer_name, report):
     symmetric = 1 if grid.qmin == -grid.qmax else 0
     exponent = math.log2(grid.scale) + quantizer.bits - 1
     if abs(exponent - round(exponent)) < _POF2_TOLERANCE and round(exponent) >= 0:
-        # A power-of-two step of at least 2**-(bits-1) is QKeras' own grid: integer bits, no alpha.
-        stock = qkeras.quantized_bits(quantizer.bits, round(exponent), symmetric, keep_negative=True)
+        # A power-of-two step of at least 2**-(bits-1) is QKeras' own grid: integer bits, alpha 1.
+        # Not alpha=None: a QKeras layer turns a weight quantizer's alpha=None into "auto_po2"
+        # (qkeras/qconvolutional.py, _set_trainable_parameter), which picks its own scale per
+        # channel (resnet8, 4-bit power-of-two weights: a kernel off by 0.0625, logits by 0.22).
+        stock = qkeras.quantized_bits(quantizer.bits, round(exponent), symmetric, keep_negative=True, alpha=1.0)
         return {"class_name": "quantized_bits", "config": stock.get_config()}, 1.0
     alpha = grid.scale * 2 ** (quantizer.bits - 1)
     stock = qkeras.quantized_bits(quantizer.bits, 0, symmetric, keep_negative=True, alpha=float(alpha))
