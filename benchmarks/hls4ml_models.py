@@ -6,7 +6,7 @@
 Each model is trained briefly on the bundled mnist5k (4,000 training images, five epochs, Adam 1e-3;
 long enough that the CNNs' BatchNormalization statistics settle and agreement is not measured
 between near-constant predictors) with learned weight steps and learned power-of-two
-activation steps (``activation_kind: lsq_pof2``, which stock QKeras and hls4ml express exactly),
+activation steps (``activation_scheme: lsq_pof2``, which stock QKeras and hls4ml express exactly),
 exported with :func:`tfqkd.export.to_hls4ml` (Vitis backend; io_stream for the convolutional models,
 io_parallel for the MLPs), its C++ emulation compiled with the system compiler, and its outputs
 compared with the Keras model's on 300 test images: top-1 agreement and the largest logit difference
@@ -42,7 +42,7 @@ CNN_FAMILIES = ("resnet", "ds_cnn", "mobilenet", "densenet")
 
 
 def _policy(bits):
-    return {"default": {"weight_bits": bits, "activation_bits": bits, "activation_kind": "lsq_pof2"}}
+    return {"default": {"weight_bits": bits, "activation_bits": bits, "activation_scheme": "lsq_pof2"}}
 
 
 def trained_student(name, bits, x, y):

@@ -11,27 +11,22 @@ from tfqkd.compat import keras
 from tfqkd.cli import main
 from tfqkd.export.qkeras import to_qkeras
 
-POF2 = {"default": {"weight_bits": 4, "activation_bits": 4, "activation_kind": "lsq_pof2"}}
-POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "kind": "lsq_pof2"}}
-
-
-def _trained(name, policy, mnist5k, epochs=1):
-    x, y = mnist5k.x_train[:2000], mnist5k.y_train[:2000]
-    keras.utils.set_random_seed(0)
-    model = tfqkd.quantize(tfqkd.create_model(name, num_classes=10, input_shape=x.shape[1:]), policy, x[:256])
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
-    return model
+POF2 = {"default": {"weight_bits": 4, "activation_bits": 4, "activation_scheme": "lsq_pof2"}}
+POF2_ALL = {"default": {"weight_bits": 4, "activation_bits": 4, "scheme": "lsq_pof2"}}
 
 
 @pytest.mark.parametrize("name", ["kl_mlp_student", "resnet8"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_power_of_two_activation_students_export_exactly(tmp_path, mnist5k, name, bits):
-    policy = {"default": {"weight_bits": bits, "activation_bits": bits, "activation_kind": "lsq_pof2"}}
-    model = _trained(name, policy, mnist5k, epochs=3)
+def test_power_of_two_activation_students_export_exactly(tmp_path, mnist5k, name, bits, trained_student):
+    policy = {"default": {"weight_bits": bits, "activation_bits": bits, "activation_scheme": "lsq_pof2"}}
+    model = trained_student(name, policy, epochs=3)
     # well past chance (10%), so that agreement is not measured between near-constant predictors
     assert np.mean(model.predict(mnist5k.x_test, verbose=0).argmax(1) == mnist5k.y_test) > 0.3
-    report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist5k.x_test)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist5k.x_test)
+    # the export prints no serialization warning (nor "HDF5 is legacy": load_qmodel reads HDF5)
+    assert not [str(w.message)[:80] for w in caught if "serializ" in str(w.message) or "HDF5" in str(w.message)]
     assert report["inexact"] == []
     assert all(row["ratio"] == 1.0 for row in report["activations"])
     check = report["validation"]
@@ -54,8 +49,8 @@ def test_power_of_two_weight_steps_on_qkeras_own_grid_keep_it(mnist5k):
     np.testing.assert_allclose(stock.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_path, mnist5k):
-    model = _trained("kl_mlp_student", "w8a8", mnist5k)
+def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_path, mnist5k, trained_student):
+    model = trained_student("kl_mlp_student", "w8a8")
     report = to_qkeras(model, tmp_path / "stock.h5", evaluation=mnist5k.x_test)
     assert {row["layer"] for row in report["activations"]} == {
         "hidden1_dense_qin", "hidden2_dense_qin", "head_dense_qin"
@@ -67,10 +62,10 @@ def test_learned_steps_off_powers_of_two_are_reported_by_layer_and_ratio(tmp_pat
         to_qkeras(model, tmp_path / "stock.h5")
 
 
-def test_qkeras_tools_read_the_trained_model(mnist5k):
+def test_qkeras_tools_read_the_trained_model(mnist5k, trained_student):
     import qkeras.utils
 
-    model = _trained("kl_mlp_student", POF2, mnist5k)
+    model = trained_student("kl_mlp_student", POF2)
     before = model.predict(mnist5k.x_test[:64], verbose=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,9 +78,9 @@ def test_qkeras_tools_read_the_trained_model(mnist5k):
     np.testing.assert_allclose(model.predict(mnist5k.x_test[:64], verbose=0), before, atol=1e-5)
 
 
-def test_cli_export_target_qkeras(tmp_path, mnist5k, capsys):
+def test_cli_export_target_qkeras(tmp_path, mnist5k, capsys, trained_student):
     path = tmp_path / "student.h5"
-    _trained("kl_mlp_student", POF2, mnist5k).save(path)
+    trained_student("kl_mlp_student", POF2).save(path)
     assert main(["export", "--target", "qkeras", str(path), "--dataset", "mnist5k"]) == 0
     out = capsys.readouterr().out
     assert "top-1 agreement 100.00% with the Keras model" in out and (tmp_path / "student_qkeras.h5").is_file()
@@ -95,12 +90,15 @@ def test_cli_export_target_qkeras(tmp_path, mnist5k, capsys):
 # hls4ml --------------------------------------------------------------------------------------
 
 
-def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist5k):
+def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist5k, trained_student):
     pytest.importorskip("hls4ml")
     from tfqkd.export.hls4ml import to_hls4ml
 
-    model = _trained("kl_mlp_student", POF2_ALL, mnist5k)
-    result = to_hls4ml(model, tmp_path / "project", evaluation=mnist5k.x_test)
+    model = trained_student("kl_mlp_student", POF2_ALL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = to_hls4ml(model, tmp_path / "project", evaluation=mnist5k.x_test)
+    assert not [str(w.message)[:80] for w in caught if "serializ" in str(w.message)]
     assert result["renamed"] == {"input": "input_1"} and result["inexact"] == []
     # Precisions come from the trained quantizers: 4-bit unsigned activations on their trained step.
     step = model.get_layer("hidden1_dense_qin").quantizer.step.numpy()[0]
@@ -112,14 +110,14 @@ def test_hls4ml_emulation_of_a_power_of_two_mlp_agrees(tmp_path, mnist5k):
     assert list((tmp_path / "project").rglob("*.so")), "the C++ emulation was not compiled"
 
 
-def test_hls4ml_emulation_of_a_residual_cnn_agrees_in_io_stream(tmp_path, mnist5k):
+def test_hls4ml_emulation_of_a_residual_cnn_agrees_in_io_stream(tmp_path, mnist5k, trained_student):
     """resnet8 (MLPerf Tiny): BatchNormalization and the residual additions run at the exporter's
     default precision, not hls4ml's ap_fixed<16,6>, which overflows there (58.5% agreement)."""
     pytest.importorskip("hls4ml")
     from tfqkd.export.hls4ml import DEFAULT_PRECISION, to_hls4ml
 
-    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
-    model = _trained("resnet8", policy, mnist5k, epochs=3)
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_scheme": "lsq_pof2"}}
+    model = trained_student("resnet8", policy, epochs=3)
     assert np.mean(model.predict(mnist5k.x_test[:300], verbose=0).argmax(1) == mnist5k.y_test[:300]) > 0.3
     result = to_hls4ml(model, tmp_path / "project", io_type="io_stream", evaluation=mnist5k.x_test[:300])
     assert result["default_precision"] == DEFAULT_PRECISION and result["inexact"] == []
@@ -164,7 +162,7 @@ def test_stock_depthwise_alpha_moves_out_of_the_layer_exactly(mnist5k):
     stock, _ = stock_qkeras_model(model, rename={"input": "input_1"})
     moved_model, moved = factor_depthwise_alpha(stock)
     assert moved == {"dw1": "dw1_bn", "dw2": "dw2_alpha"}
-    assert all(moved_model.get_layer(name).get_config()["depthwise_quantizer"]["config"]["alpha"] == 1.0 for name in moved)
+    assert all(moved_model.get_layer(name).depthwise_quantizer_internal.alpha == 1.0 for name in moved)
     x = mnist5k.x_test[:64]
     np.testing.assert_allclose(moved_model.predict(x, verbose=0), stock.predict(x, verbose=0), atol=1e-4)
 
@@ -177,7 +175,7 @@ def test_hls4ml_emulation_of_quantized_depthwise_convolutions_agrees(tmp_path, m
     from tfqkd.export.hls4ml import to_hls4ml
 
     keras.utils.set_random_seed(0)
-    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_scheme": "lsq_pof2"}}
     model = _trained_model(_depthwise_cnn(), policy, mnist5k.x_train[:2000], mnist5k.y_train[:2000], epochs=3)
     x, y = mnist5k.x_test[:300], mnist5k.y_test[:300]
     assert np.mean(model.predict(x, verbose=0).argmax(1) == y) > 0.3
@@ -200,7 +198,7 @@ def test_hls4ml_emulation_of_a_flatten_before_dense_agrees_in_io_stream(tmp_path
     x = layers.ReLU(name="relu")(layers.BatchNormalization(momentum=0.9, name="bn")(x))
     float_model = keras.Model(inputs, layers.Dense(10, name="head")(layers.Flatten(name="flatten")(x)))
     keras.utils.set_random_seed(0)
-    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_kind": "lsq_pof2"}}
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8, "activation_scheme": "lsq_pof2"}}
     model = _trained_model(float_model, policy, mnist5k.x_train[:2000], mnist5k.y_train[:2000], epochs=2)
     x, y = mnist5k.x_test[:300], mnist5k.y_test[:300]
     assert np.mean(model.predict(x, verbose=0).argmax(1) == y) > 0.3
@@ -217,7 +215,9 @@ def test_hls4ml_emulation_of_activation_steps_of_one_and_more_agrees(tmp_path, m
     from tfqkd.export.hls4ml import to_hls4ml
 
     digits = mnist5k._replace(x_train=mnist5k.x_train * 32, x_test=mnist5k.x_test * 32)
-    model = _trained("kl_mlp_student", POF2_ALL, digits)
+    keras.utils.set_random_seed(0)
+    float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
+    model = _trained_model(float_model, POF2_ALL, digits.x_train[:2000], digits.y_train[:2000], epochs=1)
     steps = [layer.quantizer.step.numpy()[0] for layer in model.layers if layer.name.endswith("_qin")]
     assert min(steps) >= 2.0, steps
     result = to_hls4ml(model, tmp_path / "project", evaluation=digits.x_test)

@@ -41,7 +41,7 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.hls4ml_depthwise import factor_depthwise_alpha, quantized_depthwise_layers
 from tfqkd.export.hls4ml_flatten import activations_before_flatten
-from tfqkd.export.qkeras import stock_qkeras_model
+from tfqkd.export.qkeras import quiet_stock_qkeras, stock_qkeras_model
 from tfqkd.export.validate import compare_logits
 
 __all__ = ["BACKENDS", "IO_TYPES", "to_hls4ml"]
@@ -159,7 +159,7 @@ def to_hls4ml(
     if io_type == "io_stream":
         stock, before_flatten = activations_before_flatten(stock)
     try:
-        with _hls4ml_compatible():
+        with _hls4ml_compatible(), quiet_stock_qkeras():  # hls4ml reads the stock model's config
             hls_config = hls4ml.utils.config_from_keras_model(
                 stock, granularity="name", backend=backend, default_precision=default_precision
             )

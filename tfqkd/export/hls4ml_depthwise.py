@@ -20,12 +20,12 @@ BatchNormalization added for it; and :func:`quantized_depthwise_layers` names th
 output type must be set explicitly, which is what keeps hls4ml's BN fusion away from them.
 """
 
-import copy
 
 import numpy as np
 
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
+from tfqkd.export.qkeras import stock_config
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
 __all__ = ["factor_depthwise_alpha", "quantized_depthwise_layers", "referenced_layers"]
@@ -40,7 +40,7 @@ def quantized_depthwise_layers(model):
     return [
         layer.name
         for layer in model.layers
-        if type(layer).__name__ == "QDepthwiseConv2D" and layer.get_config().get("depthwise_quantizer")
+        if type(layer).__name__ == "QDepthwiseConv2D" and getattr(layer, "depthwise_quantizer", None)
     ]
 
 
@@ -89,7 +89,7 @@ def factor_depthwise_alpha(model):
     Raises:
       TfqkdError: a depthwise layer with an alpha and an activation of its own other than relu.
     """
-    config = copy.deepcopy(model.get_config())
+    config = stock_config(model)
     weights = {layer.name: layer.get_weights() for layer in model.layers}
     outputs = referenced_layers(config["output_layers"])
     moved = {}

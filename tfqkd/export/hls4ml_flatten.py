@@ -10,10 +10,10 @@ a quantizer before every Dense, so every Flatten -> Dense of a tfqkd CNN meets t
 activation commutes with Flatten, so the model handed to hls4ml applies it before the Flatten.
 """
 
-import copy
 
 from tfqkd.compat import keras
 from tfqkd.export.hls4ml_depthwise import referenced_layers
+from tfqkd.export.qkeras import stock_config
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
 __all__ = ["activations_before_flatten"]
@@ -31,7 +31,7 @@ def activations_before_flatten(model):
     Returns:
       ``(model, moved)``: the same computation, and the names of the moved activation layers.
     """
-    config = copy.deepcopy(model.get_config())
+    config = stock_config(model)
     outputs = referenced_layers(config["output_layers"])
     moved = []
     for flatten in [entry for entry in config["layers"] if entry["class_name"] == "Flatten"]:

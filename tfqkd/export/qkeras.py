@@ -20,6 +20,7 @@ tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
 Everything else (BatchNormalization, pooling, concatenation, ReLU) is copied as it is.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -49,6 +50,21 @@ _QKERAS_SAVE_WARNINGS = (
     r"The `keras\.constraints\.serialize\(\)` API should only be used",
     r"You are saving your model as an HDF5 file",
 )
+
+
+@contextlib.contextmanager
+def quiet_stock_qkeras():
+    """Silences what tf-keras says about saving or reading the config of a correct stock QKeras model."""
+    with warnings.catch_warnings():
+        for message in _QKERAS_SAVE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def stock_config(model):
+    """A deep copy of a stock QKeras model's config, read without tf-keras' constraint warning."""
+    with quiet_stock_qkeras():
+        return copy.deepcopy(model.get_config())
 
 __all__ = ["stock_qkeras_model", "to_qkeras", "validate_qkeras"]
 
@@ -130,9 +146,7 @@ def to_qkeras(model, path, *, evaluation=None, force=False):
     stock_model, report = stock_qkeras_model(model)
     report = {"path": str(path), **report}
     atomic.ensure_directory(path.parent, "QKeras export directory")
-    with atomic.replacing(path) as tmp, warnings.catch_warnings():
-        for message in _QKERAS_SAVE_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    with atomic.replacing(path) as tmp, quiet_stock_qkeras():
         stock_model.save(tmp)
     if evaluation is not None:
         report["validation"] = validate_qkeras(path, np.asarray(evaluation), model.predict(evaluation, verbose=0))
