@@ -21,7 +21,7 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QDense, QDepthwiseConv2D
+from tfqkd.quant.layers import IntegerBatchNormalization, QDense, QDepthwiseConv2D
 from tfqkd.quant.quantizers import AffineQuantizer, TfqkdQuantizer
 
 __all__ = [
@@ -549,7 +549,15 @@ def _bn_parameters(bn, channels):
 
 
 def bn_affine(bn, channels):
-    """An inference BN as ``gain * x + offset`` per channel (float64 arrays)."""
+    """An inference BN as ``gain * x + offset`` per channel (float64 arrays).
+
+    An :class:`~tfqkd.quant.layers.IntegerBatchNormalization` gives the map it computes: the offset
+    on the int32 bias grid of its depthwise lowering.
+    """
+    step = bn.input_step() if isinstance(bn, IntegerBatchNormalization) else None
+    if step is not None:
+        gain, offset = bn.integer_affine(step)
+        return np.asarray(gain.numpy(), np.float64), np.asarray(offset.numpy(), np.float64)
     gamma, beta, mean, var = _bn_parameters(bn, channels)
     gain = gamma / np.sqrt(var + bn.epsilon)
     return gain, beta - mean * gain

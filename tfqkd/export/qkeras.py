@@ -156,7 +156,13 @@ def stock_qkeras_model(model, rename=None):
         layer = model.get_layer(entry["name"])
         quantizers = dict(layer_quantizers(layer))
         cls = type(layer).__name__
-        if str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
+        if cls == "IntegerBatchNormalization":
+            entry.pop("module", None)
+            entry.pop("registered_name", None)
+            entry["class_name"] = "BatchNormalization"
+            report["inexact"].append(f"{layer.name}: BatchNormalization with its float inference offset (tfqkd "
+                                     "rounds it onto the int8 depthwise bias grid)")  # fmt: skip
+        elif str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
             if cls not in stock_names:
                 raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
             entry.pop("module", None)
