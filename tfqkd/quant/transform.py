@@ -355,6 +355,8 @@ def quantize(
                 }
             )
             entry["inbound_nodes"] = [[[qin_name, 0, 0, {}]]]
+            if integer_intermediates and cls in ("Conv2D", "Dense"):
+                layer_config["integer_accumulation"] = True  # sums codes at inference, as int8 does
         entry["class_name"] = _Q_CLASS[cls]
         entry.pop("module", None)
         entry.pop("registered_name", None)
