@@ -165,6 +165,8 @@ def stock_qkeras_model(model, rename=None):
         elif str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
             if cls not in stock_names:
                 raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
+            # Stock layers sum x * w in float (the same values up to float32 rounding).
+            entry["config"].pop("integer_accumulation", None)
             entry.pop("module", None)
             entry.pop("registered_name", None)
             entry["class_name"] = cls  # tfqkd's layers keep QKeras' class names
