@@ -21,7 +21,7 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import QDense, QDepthwiseConv2D
+from tfqkd.quant.layers import IntegerBatchNormalization, QDense, QDepthwiseConv2D
 from tfqkd.quant.quantizers import AffineQuantizer, TfqkdQuantizer
 
 __all__ = [
@@ -261,16 +261,26 @@ class WeightedPoint:
         self._unit = _accumulator_unit(k, input_grid, channel_scale)
         self.int_bias = np.rint(bias / self._unit)
 
-    def pooled(self, x, pool, source):
-        """``pool(self(x))`` computed as ``self(sum-pool(x)) / area`` (see ``IntegerGraph._pooled_first``)."""
+    def pooled(self, x, pool):
+        """``pool(self(x))`` as one convolution with the pool's window and stride (see ``IntegerGraph._pooled_first``).
+
+        A 1x1 conv followed by a valid average pool is the conv whose kernel repeats the
+        1x1 weights divided by the pool area at every window position: the same codes at
+        ``step / area``, summed exactly in the int32 accumulator and rounded once, onto the
+        grid of the quantizer after the pool (a sum-pool first would not fit 8-bit codes in
+        int8, a pooled int8 tensor rounds twice, and requantizing the conv output onto the
+        pool's grid clips the values the pool would average).
+        """
         area = int(np.prod(pool.pool_size))
-        summed = constant_pool(pool, x, 1.0, integer=True)
-        summed = fake_quant(summed, *source.window)  # the sums of the codes, on the input's grid
         step = self.step / area
-        values = (self.weight_codes.astype(np.float64) * step).astype(np.float32)
+        codes = np.broadcast_to(self.weight_codes[0, 0], (*pool.pool_size, *self.weight_codes.shape[2:]))
+        values = (codes.astype(np.float64) * step).astype(np.float32)
         limit = np.float32(_WEIGHT_CODE_MAX * step)
         w = fake_quant(tf.constant(values), -limit, limit, narrow_range=True)
-        return tf.nn.conv2d(summed, w, strides=(1, 1, 1, 1), padding="VALID")
+        y = tf.nn.conv2d(x, w, strides=(1, *pool.strides, 1), padding="VALID")
+        if self.has_bias:
+            y = tf.nn.bias_add(y, tf.constant(self.bias))
+        return y
 
     def _weights(self, integer):
         values = (self.weight_codes.astype(np.float64) * self.channel_scale.astype(np.float64)).astype(np.float32)
@@ -539,7 +549,15 @@ def _bn_parameters(bn, channels):
 
 
 def bn_affine(bn, channels):
-    """An inference BN as ``gain * x + offset`` per channel (float64 arrays)."""
+    """An inference BN as ``gain * x + offset`` per channel (float64 arrays).
+
+    An :class:`~tfqkd.quant.layers.IntegerBatchNormalization` gives the map it computes: the offset
+    on the int32 bias grid of its depthwise lowering.
+    """
+    step = bn.input_step() if isinstance(bn, IntegerBatchNormalization) else None
+    if step is not None:
+        gain, offset = bn.integer_affine(step)
+        return np.asarray(gain.numpy(), np.float64), np.asarray(offset.numpy(), np.float64)
     gamma, beta, mean, var = _bn_parameters(bn, channels)
     gain = gamma / np.sqrt(var + bn.epsilon)
     return gain, beta - mean * gain

@@ -173,9 +173,17 @@ def stock_qkeras_model(model, rename=None):
         layer = model.get_layer(entry["name"])
         quantizers = dict(layer_quantizers(layer))
         cls = type(layer).__name__
-        if str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
+        if cls == "IntegerBatchNormalization":
+            entry.pop("module", None)
+            entry.pop("registered_name", None)
+            entry["class_name"] = "BatchNormalization"
+            report["inexact"].append(f"{layer.name}: BatchNormalization with its float inference offset (tfqkd "
+                                     "rounds it onto the int8 depthwise bias grid)")  # fmt: skip
+        elif str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
             if cls not in stock_names:
                 raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
+            # Stock layers sum x * w in float (the same values up to float32 rounding).
+            entry["config"].pop("integer_accumulation", None)
             entry.pop("module", None)
             entry.pop("registered_name", None)
             entry["class_name"] = cls  # tfqkd's layers keep QKeras' class names

@@ -20,10 +20,10 @@ import contextlib
 import qkeras
 
 from tfqkd.compat import keras, tf
-from tfqkd.quant.quantizers import TfqkdQuantizer, get_quantizer
+from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer
 
 __all__ = [
-    "INPUT_QUANTIZER_SUFFIX", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers",
+    "INPUT_QUANTIZER_SUFFIX", "IntegerBatchNormalization", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers",
     "model_quantizers", "quantized_layer_classes", "weight_quantizers",
 ]  # fmt: skip
 
@@ -103,13 +103,74 @@ class _WeightQuantizedMixin:
                 _build_quantizer(self, self.bias_quantizer_internal, "bias", self.bias.shape)
 
 
+def _learned_input_step(layer):
+    """The step tensor of the learned-step QActivation whose output ``layer`` reads, or None."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if len(nodes) != 1:
+        return None
+    source = nodes[0].inbound_layers
+    if isinstance(source, (list, tuple)):
+        if len(source) != 1:
+            return None
+        source = source[0]
+    quantizer = getattr(source, "quantizer", None)
+    if not isinstance(source, QActivation) or not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
+        return None
+    return quantizer.step
+
+
+class _IntegerAccumulationMixin:
+    """``integer_accumulation``: at inference, the conv / dense sums integer codes, as an int8 runtime does.
+
+    Set by ``quantize(..., integer_intermediates=True)``. With a learned-step input and kernel, the
+    layer computes ``(sum of input code * weight code) * s_in * s_w``: the float32 sum of integer
+    codes is exact (below 2**24), so an output rounded by the next quantizer lands where the int8
+    file's int32 accumulator and requantization put it, also when it sits within float32 error of
+    a rounding threshold (the float sum of ``x * w`` puts such a value on either side, depending on
+    the order of the sum). Training, and layers without those quantizers, compute QKeras' call.
+    """
+
+    def _pop_integer_accumulation(self, kwargs):
+        self.integer_accumulation = bool(kwargs.pop("integer_accumulation", False))
+        return kwargs
+
+    def get_config(self):
+        config = super().get_config()
+        if self.integer_accumulation:
+            config["integer_accumulation"] = True
+        return config
+
+    def call(self, inputs, training=None):
+        steps = None
+        if self.integer_accumulation and training is not True and isinstance(self.kernel_quantizer_internal, LearnedStepQuantizer):
+            input_step = _learned_input_step(self)
+            if input_step is not None:
+                steps = (input_step, self.kernel_quantizer_internal.step)
+        if steps is None or training is None and keras.backend.learning_phase() == 1:
+            return super().call(inputs)
+        input_step, weight_step = (tf.cast(s[0], inputs.dtype) for s in steps)
+        kernel = self.kernel_quantizer_internal(self.kernel, training=False)
+        outputs = self._linear(tf.round(inputs / input_step), tf.round(kernel / weight_step)) * (input_step * weight_step)
+        if self.use_bias:
+            bias = self.bias_quantizer_internal(self.bias) if self.bias_quantizer else self.bias
+            outputs = keras.backend.bias_add(outputs, bias, data_format=getattr(self, "data_format", "channels_last"))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
 @keras.saving.register_keras_serializable(package="tfqkd", name="QConv2D")
-class QConv2D(_WeightQuantizedMixin, qkeras.QConv2D):
+class QConv2D(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QConv2D):
     """``qkeras.QConv2D`` with tfqkd quantizer state (see module docstring)."""
 
     def __init__(self, *args, kernel_initializer="he_normal", kernel_constraint=None, bias_constraint=None, **kwargs):
+        kwargs = self._pop_integer_accumulation(kwargs)
         super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
         self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+
+    def _linear(self, x, w):
+        return keras.backend.conv2d(x, w, strides=self.strides, padding=self.padding, data_format=self.data_format,
+                                    dilation_rate=self.dilation_rate)  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QDepthwiseConv2D")
@@ -124,12 +185,16 @@ class QDepthwiseConv2D(_WeightQuantizedMixin, qkeras.QDepthwiseConv2D):
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QDense")
-class QDense(_WeightQuantizedMixin, qkeras.QDense):
+class QDense(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QDense):
     """``qkeras.QDense`` with tfqkd quantizer state."""
 
     def __init__(self, *args, kernel_initializer="he_normal", kernel_constraint=None, bias_constraint=None, **kwargs):
+        kwargs = self._pop_integer_accumulation(kwargs)
         super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
         self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+
+    def _linear(self, x, w):
+        return keras.backend.dot(x, w)
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QActivation")
@@ -160,6 +225,56 @@ class QActivation(qkeras.QActivation):
         if not isinstance(self.activation, str):
             config["activation"] = keras.utils.serialize_keras_object(self.quantizer)
         return config
+
+
+#: Largest int8 weight code: :class:`IntegerBatchNormalization` puts its gain on code 127.
+_GAIN_CODE = 127
+
+
+@keras.saving.register_keras_serializable(package="tfqkd", name="IntegerBatchNormalization")
+class IntegerBatchNormalization(keras.layers.BatchNormalization):
+    """A BatchNormalization whose inference map an int8 runtime computes exactly (``integer_intermediates``).
+
+    Its input is an activation quantizer's output ``X * s`` (integer codes
+    ``X``). The int8 file computes the inference BN ``gain * x + offset`` as a
+    1x1 depthwise convolution: weight code 127 at the per-channel scale
+    ``|gain| / 127``, so its int32 bias can only add multiples of
+    ``s * |gain| / 127`` (1/127 of an input code, times the gain). A float
+    offset between two of those moves some of the 256 input codes to a
+    neighbouring output code, which the layers after it amplify. At inference
+    this layer therefore rounds the offset onto that grid (at most half a unit,
+    ``s * |gain| / 254``, away); training (batch statistics) is BatchNormalization's.
+    Without a learned-step quantizer in front of it, it is BatchNormalization.
+    """
+
+    def build(self, input_shape):
+        # As _WeightQuantizedMixin.build: weights scoped by the layer name (unique .h5 names).
+        scope = tf.name_scope(self.name) if not tf.get_current_name_scope() else contextlib.nullcontext()
+        with scope:
+            super().build(input_shape)
+
+    def input_step(self):
+        """The step tensor of the learned-step quantizer whose output this layer normalizes, or None."""
+        return _learned_input_step(self)
+
+    def integer_affine(self, step):
+        """``(gain, offset)``: the inference map with the offset on the int32 bias grid of the int8 file."""
+        gamma = self.gamma if self.gamma is not None else tf.ones_like(self.moving_mean)
+        beta = self.beta if self.beta is not None else tf.zeros_like(self.moving_mean)
+        gain = tf.cast(gamma, tf.float32) * tf.math.rsqrt(tf.cast(self.moving_variance, tf.float32) + self.epsilon)
+        offset = tf.cast(beta, tf.float32) - tf.cast(self.moving_mean, tf.float32) * gain
+        unit = tf.cast(step, tf.float32) * tf.abs(gain) / _GAIN_CODE
+        safe = tf.where(unit > 0, unit, tf.ones_like(unit))
+        return gain, tf.where(unit > 0, tf.round(offset / safe) * safe, offset)
+
+    def call(self, inputs, training=None, mask=None):
+        step = self.input_step()
+        if step is None or not tf.is_tensor(inputs) or len(self.axis) != 1 or self.axis[0] != inputs.shape.rank - 1:
+            return super().call(inputs, training=training, mask=mask)
+        if self._get_training_value(training) is not False:
+            return super().call(inputs, training=training, mask=mask)
+        gain, offset = self.integer_affine(step)
+        return tf.cast(tf.cast(inputs, tf.float32) * gain + offset, self.compute_dtype)
 
 
 def quantized_layer_classes():

@@ -21,7 +21,9 @@ from tfqkd.compat import keras
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.graph import as_functional, producer
-from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, quantized_layer_classes, weight_quantizers
+from tfqkd.quant.layers import (
+    INPUT_QUANTIZER_SUFFIX, IntegerBatchNormalization, quantized_layer_classes, weight_quantizers,
+)  # fmt: skip
 from tfqkd.quant.policy import (
     QUANTIZABLE_TYPES,
     QuantSpec,
@@ -72,6 +74,7 @@ def custom_objects():
     """
     objects = qkeras_custom_objects()
     objects.update(quantized_layer_classes())
+    objects["IntegerBatchNormalization"] = IntegerBatchNormalization
     for target in list_targets().values():
         objects.update(target.custom_objects())
     objects.update(registered_quantizers())
@@ -352,6 +355,8 @@ def quantize(
                 }
             )
             entry["inbound_nodes"] = [[[qin_name, 0, 0, {}]]]
+            if integer_intermediates and cls in ("Conv2D", "Dense"):
+                layer_config["integer_accumulation"] = True  # sums codes at inference, as int8 does
         entry["class_name"] = _Q_CLASS[cls]
         entry.pop("module", None)
         entry.pop("registered_name", None)
@@ -385,9 +390,15 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
     scheme = schemes.pop() if len(schemes) == 1 else "lsq"
     renamed = {name: name + INTERMEDIATE_QUANTIZER_SUFFIX for name in intermediates}
 
+    inserted = set(renamed.values())
     result = []
     for entry in layers:
         entry["inbound_nodes"] = rename_references(entry["inbound_nodes"], renamed)
+        if entry["class_name"] == "BatchNormalization" and _references(entry["inbound_nodes"]) <= inserted:
+            # Its inference offset on the int32 bias grid of the int8 file's depthwise lowering.
+            entry["class_name"] = "IntegerBatchNormalization"
+            entry.pop("module", None)
+            entry.pop("registered_name", None)
         result.append(entry)
         name = entry["name"]
         if name in intermediates:
@@ -406,6 +417,15 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
                 }
             )
     return result
+
+
+def _references(value):
+    """The layer names an ``inbound_nodes`` config refers to."""
+    if isinstance(value, list):
+        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
+            return {value[0]}
+        return set().union(*(_references(v) for v in value)) if value else set()
+    return set()
 
 
 def is_quantized(model):
