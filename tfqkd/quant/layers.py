@@ -20,6 +20,7 @@ import contextlib
 import qkeras
 
 from tfqkd.compat import keras, tf
+from tfqkd.graph import single_producer
 from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer
 
 __all__ = [
@@ -105,14 +106,9 @@ class _WeightQuantizedMixin:
 
 def _learned_input_step(layer):
     """The step tensor of the learned-step QActivation whose output ``layer`` reads, or None."""
-    nodes = getattr(layer, "_inbound_nodes", [])
-    if len(nodes) != 1:
-        return None
-    source = nodes[0].inbound_layers
-    if isinstance(source, (list, tuple)):
-        if len(source) != 1:
-            return None
-        source = source[0]
+    if len(getattr(layer, "_inbound_nodes", [])) != 1:
+        return None  # a shared layer reads more than one tensor
+    source = single_producer(layer)
     quantizer = getattr(source, "quantizer", None)
     if not isinstance(source, QActivation) or not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
         return None

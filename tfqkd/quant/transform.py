@@ -20,7 +20,7 @@ import numpy as np
 from tfqkd.compat import keras
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
-from tfqkd.graph import as_functional, producer
+from tfqkd.graph import as_functional, inbound_names, producer
 from tfqkd.quant.layers import (
     INPUT_QUANTIZER_SUFFIX, IntegerBatchNormalization, quantized_layer_classes, weight_quantizers,
 )  # fmt: skip
@@ -394,7 +394,8 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
     result = []
     for entry in layers:
         entry["inbound_nodes"] = rename_references(entry["inbound_nodes"], renamed)
-        if entry["class_name"] == "BatchNormalization" and _references(entry["inbound_nodes"]) <= inserted:
+        sources = set(inbound_names(entry))
+        if entry["class_name"] == "BatchNormalization" and sources and sources <= inserted:
             # Its inference offset on the int32 bias grid of the int8 file's depthwise lowering.
             entry["class_name"] = "IntegerBatchNormalization"
             entry.pop("module", None)
@@ -417,15 +418,6 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
                 }
             )
     return result
-
-
-def _references(value):
-    """The layer names an ``inbound_nodes`` config refers to."""
-    if isinstance(value, list):
-        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
-            return {value[0]}
-        return set().union(*(_references(v) for v in value)) if value else set()
-    return set()
 
 
 def is_quantized(model):
