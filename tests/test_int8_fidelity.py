@@ -18,28 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tfqkd
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export import to_tflite
 from tfqkd.export.command import add_tflite_arguments, run_tflite_export
 from tfqkd.export.runtimes import Runtime, RuntimeUnavailable, parse_runtimes, run_codes
 from tfqkd.export.validate import quantize_inputs
-
-
-_MODELS = {}
-
-
-def _user_model(mnist5k, policy="w4a4", optimizer="adam", seed=0, name="kl_mlp_student"):
-    key = (name, policy, optimizer, seed)
-    if key not in _MODELS:
-        keras.utils.set_random_seed(seed)
-        model = tfqkd.create_model(name, quant=policy)
-        opt = keras.optimizers.Adam(1e-3) if optimizer == "adam" else keras.optimizers.SGD(0.05, momentum=0.9)
-        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(mnist5k[0], mnist5k[1], batch_size=64, epochs=3, verbose=0)
-        _MODELS[key] = model
-    return _MODELS[key]
 
 
 def _builtin_outputs(path, x, tensors=()):
@@ -69,10 +53,10 @@ def _keras_steps(model, x, path):
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path, mnist5k, optimizer):
+def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path, mnist5k, optimizer, trained_student):
     """Hidden 4-bit codes exact on both kinds of kernels; logits within one output step."""
     x_train, _, x_test, y_test = mnist5k
-    model = _user_model(mnist5k, "w4a4", optimizer)
+    model = trained_student("kl_mlp_student", "w4a4", epochs=3, optimizer=optimizer, calibrated=False)
     path = tmp_path / "mlp.tflite"
     result = to_tflite(model, path, calibration_data=x_train[:512], evaluation=(x_test, y_test), runtimes="litert")
     report = result["validation"]
@@ -99,9 +83,9 @@ def test_w4a4_mlp_int8_reproduces_keras_on_xnnpack_and_builtin_kernels(tmp_path,
     assert int(np.sum(lite_codes != keras_codes)) <= 3  # measured 0 of 300,000
 
 
-def test_validation_reports_each_runtime_and_one_line_for_a_missing_one(tmp_path, mnist5k, capsys):
+def test_validation_reports_each_runtime_and_one_line_for_a_missing_one(tmp_path, mnist5k, capsys, trained_student):
     x_train, _, x_test, y_test = mnist5k
-    model = _user_model(mnist5k, "w4a4", "adam")
+    model = trained_student("kl_mlp_student", "w4a4", epochs=3, optimizer="adam", calibrated=False)
     model_file = tmp_path / "student.h5"
     model.save(model_file)
     import argparse
@@ -161,7 +145,7 @@ def _tflite_runtime_214():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["w4a4", "w8a8"])
-def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist5k, policy):
+def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist5k, policy, trained_student):
     """The same file on tflite-runtime 2.14 (numpy<2 venv) and on LiteRT: both close to Keras and to each other.
 
     Measured (kl_mlp_student, Adam, seed 0): w4a4 0.87 / 0.62 output steps from Keras, at most 1 step
@@ -169,7 +153,7 @@ def test_exported_file_on_tflite_runtime_214_and_litert(tmp_path, mnist5k, polic
     """
     python = _tflite_runtime_214()
     x_train, _, x_test, y_test = mnist5k
-    model = _user_model(mnist5k, policy, "adam")
+    model = trained_student("kl_mlp_student", policy, epochs=3, optimizer="adam", calibrated=False)
     path = tmp_path / "mlp.tflite"
     result = to_tflite(model, path, calibration_data=x_train[:512], evaluation=(x_test, y_test),
                        runtimes=f"litert,tflite-runtime={python}")  # fmt: skip
@@ -210,7 +194,7 @@ def _float_outputs_on_builtin_kernels(path, x):
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
 
 
-def test_float_logits_close_the_int8_output_grid_gap(tmp_path, mnist5k):
+def test_float_logits_close_the_int8_output_grid_gap(tmp_path, mnist5k, trained_student):
     """Issue 17's goal where the int8 output cannot reach it: >= 99.9% agreement and <= 2 output steps.
 
     Measured (kl_mlp_student w4a4, Adam, seed 0): int8 logits 99.5% agreement (the Keras logits
@@ -219,7 +203,7 @@ def test_float_logits_close_the_int8_output_grid_gap(tmp_path, mnist5k):
     from tfqkd.export.inspect import float_ops, read_tflite
 
     x_train, _, x_test, y_test = mnist5k
-    model = _user_model(mnist5k, "w4a4", "adam")
+    model = trained_student("kl_mlp_student", "w4a4", epochs=3, optimizer="adam", calibrated=False)
     keras_logits = model.predict(x_test, verbose=0).astype(np.float64)
     default = to_tflite(model, tmp_path / "int8.tflite", calibration_data=x_train[:512], evaluation=(x_test, y_test),
                         runtimes="litert")  # fmt: skip
@@ -252,13 +236,13 @@ def test_float_logits_close_the_int8_output_grid_gap(tmp_path, mnist5k):
                                       base["_interpreter"].get_tensor(ref["inputs"][1]))  # fmt: skip
 
 
-def test_float_logits_option_plumbing_and_one_line_errors(tmp_path, mnist5k, capsys):
+def test_float_logits_option_plumbing_and_one_line_errors(tmp_path, mnist5k, capsys, trained_student):
     import argparse
 
     from tfqkd.cli import main
 
     x_train, _, x_test, y_test = mnist5k
-    model = _user_model(mnist5k, "w4a4", "adam")
+    model = trained_student("kl_mlp_student", "w4a4", epochs=3, optimizer="adam", calibrated=False)
     with pytest.raises(TfqkdError, match=r"^unknown logits 'int16'; use one of int8, float$"):
         to_tflite(model, tmp_path / "x.tflite", calibration_data=x_train[:64], logits="int16")
     assert not (tmp_path / "x.tflite").exists()
