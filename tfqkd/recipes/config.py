@@ -357,24 +357,24 @@ def validate_config(config):
     bad = set(schedules) - set(SCHEDULES)
     if bad:
         raise TfqkdError(f"recipe: unknown schedule(s) {_keys(bad)}; known: {', '.join(SCHEDULES)}")
-    for stage in SCHEDULES:
-        schedule = schedules.get(stage)
+    for name in SCHEDULES:
+        schedule = schedules.get(name)
         if not isinstance(schedule, dict):
-            raise TfqkdError(f"recipe: schedule '{stage}' needs a mapping (epochs, lr, ...), got {show(schedule)}")
+            raise TfqkdError(f"recipe: schedule '{name}' needs a mapping (epochs, lr, ...), got {show(schedule)}")
         unknown = set(schedule) - _SCHEDULE_KEYS
         if unknown:
-            raise TfqkdError(f"recipe schedule '{stage}': unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_SCHEDULE_KEYS))}")
-        _number(schedule.get("epochs"), f"{stage}.epochs", low=0, high=100000, integer=True)
-        _number(schedule.get("lr"), f"{stage}.lr", low=0, low_open=True, high=1e6)
+            raise TfqkdError(f"recipe schedule '{name}': unknown key(s) {_keys(unknown)}; known: {', '.join(sorted(_SCHEDULE_KEYS))}")
+        _number(schedule.get("epochs"), f"{name}.epochs", low=0, high=100000, integer=True)
+        _number(schedule.get("lr"), f"{name}.lr", low=0, low_open=True, high=1e6)
         schedule.setdefault("milestones", [])
         if not isinstance(schedule["milestones"], list):
-            raise TfqkdError(f"{stage}.milestones must be a list of epochs, got {show(schedule['milestones'])}")
+            raise TfqkdError(f"{name}.milestones must be a list of epochs, got {show(schedule['milestones'])}")
         for epoch in schedule["milestones"]:
-            _number(epoch, f"{stage}.milestones", low=0, high=100000, integer=True)
+            _number(epoch, f"{name}.milestones", low=0, high=100000, integer=True)
         if any(b <= a for a, b in zip(schedule["milestones"], schedule["milestones"][1:])):
-            raise TfqkdError(f"{stage}.milestones must be strictly increasing, got {show(schedule['milestones'])}")
+            raise TfqkdError(f"{name}.milestones must be strictly increasing, got {show(schedule['milestones'])}")
         schedule.setdefault("factor", 5)
-        _number(schedule["factor"], f"{stage}.factor", low=0, low_open=True, high=1e6)
+        _number(schedule["factor"], f"{name}.factor", low=0, low_open=True, high=1e6)
         schedule.setdefault("warmup", 0)
-        _number(schedule["warmup"], f"{stage}.warmup", low=0, high=100000, integer=True)
+        _number(schedule["warmup"], f"{name}.warmup", low=0, high=100000, integer=True)
     return config
