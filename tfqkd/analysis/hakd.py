@@ -121,7 +121,7 @@ def convert_tflite_int8(model, path, calibration):
         to_tflite(model, path, calibration_data=np.asarray(calibration)[:256], format="int8", int8_io=False, force=True)
         return path, "tfqkd.export.tflite"
     except TfqkdError as err:  # a float model the exporter does not take: TensorFlow's own converter
-        tool = f"tf.lite.TFLiteConverter (tfqkd exporter: {err})"
+        tool = f"tf.lite.TFLiteConverter (tfqkd exporter: {str(err)[:100]})"
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     use_int8_builtins(converter, calibration_batches(calibration, limit=64), int8_io=False)
     atomic.write_bytes(path, converter.convert(), force=True)
