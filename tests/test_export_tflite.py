@@ -126,7 +126,7 @@ def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates):
     report = result["validation"]
     assert report["examples"] == 1000
     assert report["agreement"] >= 99.5, report
-    assert report["accuracy_difference"] <= 0.2, report
+    assert report["accuracy_difference"] <= 0.2 + 1e-9, report  # at most 2 of the 1,000 images (a float percentage)
     assert report["runtime"] == "ai-edge-litert"
     written = json.loads((tmp_path / f"{out.name}.validation.json").read_text())
     assert written["agreement"] == report["agreement"]
