@@ -20,7 +20,6 @@ BatchNormalization added for it; and :func:`quantized_depthwise_layers` names th
 output type must be set explicitly, which is what keeps hls4ml's BN fusion away from them.
 """
 
-
 import numpy as np
 
 from tfqkd.compat import keras

@@ -10,7 +10,6 @@ a quantizer before every Dense, so every Flatten -> Dense of a tfqkd CNN meets t
 activation commutes with Flatten, so the model handed to hls4ml applies it before the Flatten.
 """
 
-
 from tfqkd.compat import keras
 from tfqkd.export.hls4ml_depthwise import referenced_layers
 from tfqkd.export.qkeras import stock_config
