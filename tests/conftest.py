@@ -2,12 +2,14 @@
 
 import tfqkd  # noqa: F401  isort: skip
 
+import json
 import typing
 
 import numpy as np
 import pytest
 import yaml
 
+from tfqkd.compat import keras
 from tfqkd.data import load_arrays
 
 
@@ -64,11 +66,6 @@ def trained_student(mnist5k):
     "sgd": SGD(0.05, momentum 0.9)), ``seed`` (0), ``examples`` (the first N training images, 4,000).
     Callers must not train the model further (it is shared).
     """
-    import json
-
-    import tfqkd
-    from tfqkd.compat import keras
-
     cache = {}
 
     def train(name, policy, *, epochs=1, optimizer="adam", seed=0, examples=4000, calibrated=True):

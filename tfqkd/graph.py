@@ -9,7 +9,10 @@ accessors, for a built model (tensors and layers) and for a functional model's c
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
-__all__ = ["as_functional", "config_consumers", "inbound_names", "producer", "single_producer", "tensor_consumers"]
+__all__ = [
+    "as_functional", "config_consumers", "config_outputs", "inbound_names", "producer", "single_producer",
+    "tensor_consumers",
+]  # fmt: skip
 
 
 def as_functional(model, what="quantize()"):
@@ -65,6 +68,11 @@ def inbound_names(entry):
     """Names of the layers feeding one layer entry of a functional model's config (first call)."""
     nodes = entry.get("inbound_nodes") or []
     return [item[0] for item in nodes[0]] if nodes else []
+
+
+def config_outputs(config):
+    """Names of the layers whose outputs are a functional model's outputs (from its config)."""
+    return {item[0] for item in config["output_layers"]}
 
 
 def config_consumers(layers_cfg):

@@ -25,12 +25,26 @@ report, thesis table 5.8):
 import flatbuffers
 import numpy as np
 
-__all__ = ["compact_tflite"]
+__all__ = ["compact_tflite", "pack_tflite", "tflite_schema", "unpack_tflite"]
 
-def _schema():
+
+def tflite_schema():
+    """TFLite's generated flatbuffer object API (imported when first needed: it loads TensorFlow)."""
     from tensorflow.lite.python import schema_py_generated
 
     return schema_py_generated
+
+
+def unpack_tflite(data):
+    """The editable object tree (``ModelT``) of .tflite bytes."""
+    return tflite_schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
+
+
+def pack_tflite(model, builder=None):
+    """.tflite bytes of a ``ModelT`` (``builder``: a ``flatbuffers.Builder``, a plain one by default)."""
+    builder = builder or flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def compact_tflite(data):
@@ -42,8 +56,7 @@ def compact_tflite(data):
     Returns:
       bytes of an equivalent model (same operators, weights and quantization).
     """
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    model = unpack_tflite(data)
     model.description = None
     model.signatureDefs = None
     for graph in model.subgraphs:
@@ -55,9 +68,7 @@ def compact_tflite(data):
                 tensor.name = None
         _drop_unused_tensors(graph)
     _share_buffers(model)
-    builder = _SharedVectorBuilder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack_tflite(model, _SharedVectorBuilder(1024))
 
 
 class _SharedVectorBuilder(flatbuffers.Builder):

@@ -22,21 +22,16 @@ int8 outputs only (its int16 output is the 16x8 mode, int16 *inputs*), XNNPACK
 delegates neither int16 variant, and any integer output still rounds.
 """
 
-import flatbuffers
 import numpy as np
 
 from tfqkd.errors import TfqkdError
+from tfqkd.export.compact import pack_tflite, tflite_schema, unpack_tflite
+from tfqkd.graph import producer
 
 __all__ = ["LOGITS", "check_logits", "float_logits", "head_parameters"]
 
 #: How the last layer is computed: "int8" (full integer, the default) or "float" (int8 body, float32 logits).
 LOGITS = ("int8", "float")
-
-
-def _schema():
-    from tensorflow.lite.python import schema_py_generated
-
-    return schema_py_generated
 
 
 def check_logits(logits):
@@ -57,7 +52,7 @@ def head_parameters(graph):
     from tfqkd.compat import keras
     from tfqkd.export.integer_points import WeightedPoint
 
-    layer = graph.model.outputs[0]._keras_history.layer
+    layer = producer(graph.model.outputs[0])
     point = graph.points.get(layer.name)
     if isinstance(point, WeightedPoint) and isinstance(layer, keras.layers.Dense):
         # The trained codes times their step: what the Keras kernel quantizer returns.
@@ -118,9 +113,9 @@ def float_logits(data, weights, bias):
     Raises:
       TfqkdError: the model's output does not come from a FULLY_CONNECTED of these weights.
     """
-    schema = _schema()
+    schema = tflite_schema()
     ops = schema.BuiltinOperator
-    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    model = unpack_tflite(data)
     graph = model.subgraphs[0]
 
     def builtin(op):
@@ -167,6 +162,4 @@ def float_logits(data, weights, bias):
         for entry in signature.outputs or []:
             if entry.tensorIndex == output:
                 entry.tensorIndex = logits
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), step
+    return pack_tflite(model), step

@@ -25,9 +25,10 @@ import numpy as np
 from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 from tfqkd.export.qkeras import stock_config
+from tfqkd.graph import config_consumers, config_outputs
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
-__all__ = ["factor_depthwise_alpha", "quantized_depthwise_layers", "referenced_layers"]
+__all__ = ["factor_depthwise_alpha", "quantized_depthwise_layers"]
 
 _SCALE_SUFFIX = "_alpha"
 #: Activations f with f(x / alpha) * alpha == f(x) for alpha > 0.
@@ -49,17 +50,10 @@ def _alpha(entry):
     return float(alpha) if isinstance(alpha, (int, float)) and alpha != 1 else None
 
 
-def referenced_layers(value):
-    """Layer names an ``inbound_nodes``-style config value refers to (as :func:`rename_references` reads it)."""
-    if isinstance(value, list):
-        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
-            return {value[0]}
-        return set().union(*(referenced_layers(v) for v in value))
-    return set()
-
-
 def _consumers(config, name):
-    return [entry for entry in config["layers"] if name in referenced_layers(entry["inbound_nodes"])]
+    """The config entries of the layers reading layer ``name``."""
+    by_name = {entry["name"]: entry for entry in config["layers"]}
+    return [by_name[reader] for reader in config_consumers(config["layers"]).get(name, [])]
 
 
 def _foldable_bn(config, name, outputs):
@@ -90,7 +84,7 @@ def factor_depthwise_alpha(model):
     """
     config = stock_config(model)
     weights = {layer.name: layer.get_weights() for layer in model.layers}
-    outputs = referenced_layers(config["output_layers"])
+    outputs = config_outputs(config)
     moved = {}
     for entry in list(config["layers"]):
         if entry["class_name"] != "QDepthwiseConv2D" or _alpha(entry) is None:

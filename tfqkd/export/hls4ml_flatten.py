@@ -11,8 +11,8 @@ activation commutes with Flatten, so the model handed to hls4ml applies it befor
 """
 
 from tfqkd.compat import keras
-from tfqkd.export.hls4ml_depthwise import referenced_layers
 from tfqkd.export.qkeras import stock_config
+from tfqkd.graph import config_consumers, config_outputs
 from tfqkd.quant.transform import qkeras_custom_objects, rename_references
 
 __all__ = ["activations_before_flatten"]
@@ -31,10 +31,11 @@ def activations_before_flatten(model):
       ``(model, moved)``: the same computation, and the names of the moved activation layers.
     """
     config = stock_config(model)
-    outputs = referenced_layers(config["output_layers"])
+    outputs = config_outputs(config)
     moved = []
     for flatten in [entry for entry in config["layers"] if entry["class_name"] == "Flatten"]:
-        readers = [entry for entry in config["layers"] if flatten["name"] in referenced_layers(entry["inbound_nodes"])]
+        by_name = {entry["name"]: entry for entry in config["layers"]}
+        readers = [by_name[name] for name in config_consumers(config["layers"]).get(flatten["name"], [])]
         if len(readers) != 1 or flatten["name"] in outputs or readers[0]["class_name"] not in _ELEMENTWISE:
             continue
         activation = readers[0]

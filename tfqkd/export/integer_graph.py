@@ -373,7 +373,7 @@ class IntegerGraph:
             if users and all(isinstance(u, QActivation) for u in users):
                 continue
             names.append(last.name)
-        out_layer = self.model.outputs[0]._keras_history.layer
+        out_layer = producer(self.model.outputs[0])
         if out_layer.name not in names and out_layer.name not in self.activation_grids:
             names.append(out_layer.name)
         return names
@@ -408,7 +408,7 @@ class IntegerGraph:
                 density[i] = counts if density[i] is None else density[i] + counts
         for (name, (input_grid, output, _)), counts in zip(tuned, density):
             self.points[name].tune(input_grid, output, density=counts)
-        out_name = self.model.outputs[0]._keras_history.layer.name
+        out_name = producer(self.model.outputs[0]).name
         for name, lo, hi in zip(self.range_layers, lows, highs):
             if name == out_name:
                 # Logits of unseen inputs exceed the calibration extremes more often than

@@ -21,7 +21,6 @@ from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
 from tfqkd.export.float_head import check_logits, float_logits, head_parameters
 from tfqkd.export.integer_graph import IntegerGraph
-from tfqkd.graph import as_functional
 
 __all__ = ["FORMATS", "calibration_batches", "convert", "to_tflite", "use_int8_builtins"]
 
@@ -207,7 +206,6 @@ def to_tflite(
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise TfqkdError(f"{out_path} exists; pass --force (force=True) to overwrite it")
-    model = as_functional(model, "TFLite export")
     format = _format(format, kind)
     data, graph = convert(
         model, calibration_data=calibration_data, format=format, int8_io=int8_io, unsafe=unsafe, layout=layout,

@@ -53,8 +53,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tfqkd.errors import TfqkdError
 from tfqkd.dpu.graph import WEIGHTED_OPS, DPUGraph, DPUNode
+from tfqkd.errors import TfqkdError
+from tfqkd.graph import inbound_names
 
 __all__ = ["QUANTIZE_MODE", "read_quantized_h5", "write_quantized_h5"]
 
@@ -301,7 +302,7 @@ def read_quantized_h5(path):
 
     for layer in config["config"]["layers"]:
         cls, name = layer["class_name"], layer["name"]
-        inbound = [alias.get(item[0], item[0]) for item in (layer["inbound_nodes"][0] if layer["inbound_nodes"] else [])]
+        inbound = [alias.get(source, source) for source in inbound_names(layer)]
         if cls == "InputLayer":
             shape = tuple(int(d) for d in layer["config"]["batch_input_shape"][1:])
             node = DPUNode(name, "input", [], config=dict(layer["config"]), shape=shape)
