@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import warnings
 from contextlib import redirect_stdout
 
@@ -186,6 +187,92 @@ def test_fused_and_plain_affine_and_pof2_kernels_compute_the_same_bits(monkeypat
         np.testing.assert_array_equal(results[path][1], results["autodiff"][1])
     assert 0 < np.mean(results["fused"][1] == 0) < 0.9 or not q.running  # clipped values get no gradient
     assert len(np.unique(results["fused"][0])) <= 2**q.bits
+
+
+def _needs_a_compiler():
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler: the fused kernels cannot be built here")
+
+
+@pytest.mark.parametrize("signed,bits,step_range", [(False, 8, 3.0), (True, 4, 3.0), (False, 4, 0.5)])
+def test_fused_training_kernels_compute_what_tensorflow_ops_compute(signed, bits, step_range):
+    """In training, activation-sized tensors take the compiled kernels: same output and input gradient bits,
+    the same step gradient up to summation order, and the formula's values; in inference, TensorFlow's ops."""
+    from tfqkd.quant import kernels
+    from tfqkd.quant import quantizers as Q
+
+    _needs_a_compiler()
+    assert kernels.learned_step_ops() is not None
+    rng = np.random.default_rng(3)
+    x = tf.constant((rng.standard_normal((4, 16, 16, 80)) * 2 + (0 if signed else 1)).astype("float32"))
+    upstream = tf.constant(rng.standard_normal(x.shape).astype("float32"))
+    q = _bound(LearnedStepQuantizer(bits, signed=signed), shape=x.shape[1:])
+    q.assign_step(step_range / q.qmax)  # 0.5: most values clip, so the step gradient hits its bound
+
+    def run(training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = q(x, training=training)
+        return [y.numpy(), *(g.numpy() for g in tape.gradient(y, [x, q.log_step], output_gradients=upstream))]
+
+    fused, stock = run(True), run(False)
+    np.testing.assert_array_equal(fused[0], stock[0])
+    np.testing.assert_array_equal(fused[1], stock[1])
+    np.testing.assert_allclose(fused[2], stock[2], rtol=1e-5)
+    step = q.step.numpy()[0]
+    scaled = x.numpy().astype("float64") / step
+    inside = (scaled >= q.qmin) & (scaled <= q.qmax)
+    assert 0 < inside.mean() < 1
+    np.testing.assert_array_equal(fused[0], (np.clip(np.round(x.numpy() / step), q.qmin, q.qmax) * step).astype("float32"))
+    # LSQ's step gradient in log space (float64 reference), within its bound ||u|| / ||x||
+    u = upstream.numpy().astype("float64")
+    terms = np.where(inside, np.round(np.clip(scaled, q.qmin, q.qmax)) - scaled, np.clip(scaled, q.qmin, q.qmax))
+    relative = np.sum(u * terms) / np.sqrt(np.prod(x.shape[1:]) * q.qmax) / step
+    bound = np.linalg.norm(u) / np.linalg.norm(x.numpy().astype("float64"))
+    np.testing.assert_allclose(fused[2][0], np.clip(relative, -bound, bound), rtol=1e-5)
+    # Which graph each mode builds: the TFLite converter and SavedModels read the inference one.
+    ops = {mode: {op.type for op in tf.function(lambda t, m=mode: q(t, training=m)).get_concrete_function(x).graph.get_operations()}
+           for mode in (True, False)}  # fmt: skip
+    assert "TfqkdLearnedStepFakeQuant" in ops[True]
+    assert not any(op.startswith("Tfqkd") for op in ops[False])
+
+
+def test_without_a_compiler_training_warns_once_and_uses_tensorflow_ops(monkeypatch, tmp_path):
+    from tfqkd.quant import kernels
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("TFQKD_KERNEL_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler \\(no-such-compiler-xyz\\)"):
+        assert kernels.learned_step_ops() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.learned_step_ops() is None  # once per process
+        q = _bound(LearnedStepQuantizer(8, signed=False), shape=(64, 64, 4))
+        x = tf.random.uniform((2, 64, 64, 4))
+        np.testing.assert_array_equal(q(x, training=True).numpy(), q(x, training=False).numpy())
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("TFQKD_FUSED_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.learned_step_ops() is None  # turned off: no warning
+
+
+def test_a_kernel_that_does_not_compile_is_reported_with_the_compiler_error(monkeypatch, tmp_path):
+    from tfqkd.quant import kernels
+
+    _needs_a_compiler()
+    broken = tmp_path / "learned_step.cc"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setenv("TFQKD_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="the build failed: .*error"):
+        assert kernels.learned_step_ops() is None
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
 
 
 def test_learned_step_stays_positive_after_a_huge_update():

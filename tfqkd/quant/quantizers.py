@@ -30,6 +30,7 @@ import qkeras
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
+from tfqkd.quant import kernels
 from tfqkd.quant.grid import Grid
 
 __all__ = [
@@ -396,6 +397,32 @@ def _learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     return output, grad
 
 
+@tf.custom_gradient
+def _fused_learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
+    """:func:`_learned_step_fake_quant` on the fused CPU kernels of :mod:`tfqkd.quant.kernels`.
+
+    The same forward bits and input gradient; the step gradient's sums are taken in the pass
+    that computes the input gradient (in blocks, accumulated in double) instead of three
+    reductions, and its scaling and bound in the same op instead of eight scalar ones.
+    """
+    ops = kernels.learned_step_ops()
+    low, high, scale = (float(tf.get_static_value(v)) for v in (qmin, qmax, grad_scale))  # constants: attributes
+    step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
+    output = ops.tfqkd_learned_step_fake_quant(x, step, qmin=low, qmax=high)
+
+    def grad(upstream):
+        grad_x, grad_log_step = ops.tfqkd_learned_step_fake_quant_grad(upstream, step, x, qmin=low, qmax=high,
+                                                                       grad_scale=scale)  # fmt: skip
+        return grad_x, grad_log_step, None, None, None
+
+    return output, grad
+
+
+def _takes_fused_kernels(x, training):
+    """Training on a large float32 tensor, with the kernels built: the fused path (inference keeps stock ops)."""
+    return training is True and x.dtype == tf.float32 and _is_large(x) and kernels.learned_step_ops() is not None
+
+
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
 class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     """QKD trainable interval as an LSQ learned step (Kim et al. 2019; Esser et al. 2020).
@@ -522,7 +549,8 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         grad_scale = 1.0 / math.sqrt(getattr(self, "_numel", 1) * self.qmax)
         constants = [tf.constant(v, x.dtype) for v in (self.qmin, self.qmax, grad_scale)]
         log_step = self._effective_log_step(tf.cast(tf.convert_to_tensor(self.log_step), x.dtype))
-        return _learned_step_fake_quant(x, log_step, *constants)
+        fake_quant = _fused_learned_step_fake_quant if _takes_fused_kernels(x, training) else _learned_step_fake_quant
+        return fake_quant(x, log_step, *constants)
 
     def initialize(self, values, method="minmax"):
         """Sets the step from sample values.
