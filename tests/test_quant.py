@@ -275,6 +275,27 @@ def test_a_kernel_that_does_not_compile_is_reported_with_the_compiler_error(monk
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
 
 
+def test_a_damaged_cached_kernel_is_rebuilt(tmp_path):
+    """A cached library that does not load (a damaged file) is compiled afresh, not reported as missing."""
+    import subprocess
+    import sys
+
+    _needs_a_compiler()
+    script = (
+        "import shutil, warnings\n"
+        "from tfqkd.quant import kernels\n"
+        "warnings.simplefilter('error', RuntimeWarning)  # the kernel-unavailable warning fails the run\n"
+        "path = kernels._build(shutil.which('g++'))\n"
+        "path.write_bytes(b'not a shared library')\n"
+        "ops = kernels.learned_step_ops()\n"
+        "print('loaded', hasattr(ops, 'tfqkd_learned_step_fake_quant'), path.stat().st_size > 1000)\n"
+    )
+    env = {**os.environ, "TFQKD_KERNEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded True True" in result.stdout
+
+
 def test_learned_step_stays_positive_after_a_huge_update():
     """A step driven towards zero by a huge update stays positive, and the model still trains."""
     rng = np.random.default_rng(4)

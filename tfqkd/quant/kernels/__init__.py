@@ -45,7 +45,15 @@ _switched_off = threading.local()
 def _cache_dir():
     if os.environ.get("TFQKD_KERNEL_CACHE"):
         return Path(os.environ["TFQKD_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfqkd" / "kernels"
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfqkd" / "kernels"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    # A read-only home (containers, CI sandboxes): this user's temporary directory instead.
+    return Path(tempfile.gettempdir()) / f"tfqkd-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _command(compiler, source, output):
@@ -56,12 +64,12 @@ def _command(compiler, source, output):
             *tf.sysconfig.get_link_flags()]  # fmt: skip
 
 
-def _build(compiler):
+def _build(compiler, rebuild=False):
     """The path of the compiled library (built now unless cached); raises OSError/CalledProcessError/TimeoutExpired."""
     recipe = " ".join(_command(compiler, "SOURCE", "OUTPUT")) + tf.__version__ + platform.machine()
     digest = hashlib.sha256(_SOURCE.read_bytes() + recipe.encode()).hexdigest()[:16]
     library = _cache_dir() / f"{_SOURCE.stem}-{digest}.so"
-    if library.exists():
+    if library.exists() and not rebuild:
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: a concurrent process never loads half a file.
@@ -81,7 +89,10 @@ def _load():
         reason = f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
     else:
         try:
-            return tf.load_op_library(str(_build(compiler)))
+            try:
+                return tf.load_op_library(str(_build(compiler)))
+            except tf.errors.OpError:  # a cached file that does not load (damaged, other libc): built afresh once
+                return tf.load_op_library(str(_build(compiler, rebuild=True)))
         except subprocess.CalledProcessError as err:
             errors = [line for line in (err.stderr or "").splitlines() if "error" in line]
             reason = f"the build failed: {(errors or ['exit status ' + str(err.returncode)])[0].strip()[:200]}"
