@@ -548,6 +548,27 @@ def test_quantized_model_saves_and_loads(tmp_path):
     np.testing.assert_array_equal(clone(data).numpy(), expected)
 
 
+def test_layers_reading_one_tensor_share_its_input_quantizer(tmp_path):
+    """ResNet's shortcut and first conv read one tensor: with the same spec they share one quantizer (one grid
+    per tensor, as an int8 runtime keeps, and one pass in training); with different specs each has its own."""
+    float_model = tfqkd.create_model("resnet8", num_classes=10)
+    x = np.random.default_rng(0).random((16, 32, 32, 3)).astype("float32")
+    model = quantize(float_model, "w8a8", x)
+    qins = [layer for layer in model.layers if isinstance(layer, QActivation)]
+    assert len(qins) == 8  # 10 quantized layers, two pairs reading one tensor
+    for conv, shortcut in (("stack2_conv1", "stack2_shortcut_conv"), ("stack3_conv1", "stack3_shortcut_conv")):
+        assert tfqkd.quant.layers.input_quantizer_of(model.get_layer(shortcut)).name == conv + "_qin"
+        assert layer_specs(model)[shortcut].activation_bits == 8  # read back through the shared quantizer
+    path = tmp_path / "resnet8.keras"
+    model.save(path)
+    np.testing.assert_array_equal(tfqkd.load_model(path)(x[:4]), model(x[:4]))
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8}, "rules": [{"match": "*shortcut*", "activation_bits": 4}]}
+    mixed = quantize(float_model, policy, x)
+    assert len([layer for layer in mixed.layers if isinstance(layer, QActivation)]) == 10
+    assert layer_specs(mixed)["stack2_shortcut_conv"].activation_bits == 4
+    assert layer_specs(mixed)["stack2_conv1"].activation_bits == 8
+
+
 def test_policy_serializes_with_model():
     qmodel = quantize(_small_cnn(), {"default": {"weight_bits": 4, "activation_bits": 4}, "first_last_bits": 8})
     policy = QuantPolicy.from_model(qmodel)
