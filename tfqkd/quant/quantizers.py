@@ -234,9 +234,11 @@ class TfqkdQuantizer:
         return cls(**config)
 
 
-# Tensors at least this large take the XLA-fused kernels below; smaller ones (most
-# weights) plain ops, which cost less than an XLA launch there. Both give the same
-# bits (tests/test_quant.py checks it).
+# Three ways to compute one quantizer, all giving the same forward bits and input gradient
+# (tests/test_quant.py): in a training step on a large tensor, the compiled kernels of
+# tfqkd.quant.kernels (one op each way); otherwise (inference, which converters read, or no C++
+# compiler), tensors at least this large take the XLA-fused functions below and smaller ones
+# (most weights) plain ops, which cost less than an XLA launch there.
 _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
 
