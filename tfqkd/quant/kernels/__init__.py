@@ -32,8 +32,9 @@ from tfqkd.compat import tf
 __all__ = ["fake_quant_ops", "tensorflow_ops_only"]
 
 _SOURCE = Path(__file__).with_name("fake_quant.cc")
-# Bit-exact with TensorFlow's ops: IEEE division and rounding, no fused multiply-add.
-_FLAGS = ["-shared", "-fPIC", "-O3", "-fno-math-errno", "-ffp-contract=off", "-w"]
+# Bit-exact with TensorFlow's ops: IEEE division and rounding, no fused multiply-add. Without
+# trapping math the compiler may compute both sides of a select, so the loops vectorize.
+_FLAGS = ["-shared", "-fPIC", "-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-w"]
 # TensorFlow's x86 wheels require AVX themselves, so a library built with it runs wherever they do.
 _X86_FLAGS = ["-mavx"]
 _BUILD_SECONDS = 300

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -206,15 +207,20 @@ bool ReadScalar(OpKernelContext* context, int index, float* value) {
   return true;
 }
 
-// Runs body(i) for every element in parallel; the output reuses input `reuse` when nothing else holds it.
+// y[i] = body(x[i], u[i]) for every element, in parallel (u: x itself when absent). The output reuses
+// input `reuse` when nothing else holds it. The body sees values, not pointers, and is copied into
+// each shard: its captured scalars stay in registers and the loop vectorizes.
 template <typename Body>
-void ElementWise(OpKernelContext* context, int reuse, const Tensor& shape_of, Body body) {
+void ElementWise(OpKernelContext* context, int reuse, const Tensor& input, const Tensor* other, Body body) {
   Tensor* output = nullptr;
-  OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({reuse}, 0, shape_of.shape(), &output));
+  OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({reuse}, 0, input.shape(), &output));
+  const float* x = input.flat<float>().data();
+  const float* u = other != nullptr ? other->flat<float>().data() : x;
   float* y = output->flat<float>().data();
   context->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      shape_of.NumElements(), 8, [=](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) y[i] = body(i);
+      input.NumElements(), 8, [=](int64_t begin, int64_t end) {
+        const Body f = body;
+        for (int64_t i = begin; i < end; ++i) y[i] = f(x[i], u[i]);
       });
 }
 
@@ -228,11 +234,9 @@ class AffineFakeQuantOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     float scale, zero_point;
     if (!ReadScalar(context, 1, &scale) || !ReadScalar(context, 2, &zero_point)) return;
-    const Tensor& input = context->input(0);
-    const float* x = input.flat<float>().data();
     const float qmin = qmin_, qmax = qmax_;
-    ElementWise(context, 0, input, [=](int64_t i) {
-      const float codes = Clip(std::nearbyint(x[i] / scale) + zero_point, qmin, qmax);
+    ElementWise(context, 0, context->input(0), nullptr, [=](float x, float) {
+      const float codes = Clip(std::nearbyint(x / scale) + zero_point, qmin, qmax);
       return (codes - zero_point) * scale;
     });
   }
@@ -254,12 +258,10 @@ class AffineFakeQuantGradOp : public OpKernel {
     const Tensor& input = context->input(1);
     OP_REQUIRES(context, context->input(0).shape() == input.shape(),
                 absl::InvalidArgumentError("upstream gradient and input differ in shape"));
-    const float* u = context->input(0).flat<float>().data();
-    const float* x = input.flat<float>().data();
     const float qmin = qmin_, qmax = qmax_;
-    ElementWise(context, 0, input, [=](int64_t i) {
-      const float codes = std::nearbyint(x[i] / scale) + zero_point;
-      return codes >= qmin && codes <= qmax ? (u[i] * scale) / scale : 0.0f / scale;
+    ElementWise(context, 0, input, &context->input(0), [=](float x, float u) {
+      const float codes = std::nearbyint(x / scale) + zero_point;
+      return (codes >= qmin) & (codes <= qmax) ? (u * scale) / scale : 0.0f / scale;
     });
   }
 
@@ -267,7 +269,11 @@ class AffineFakeQuantGradOp : public OpKernel {
   float qmin_, qmax_;
 };
 
-inline float RoundPof2(float v, bool half_up) { return half_up ? std::floor(v + 0.5f) : std::nearbyint(v); }
+// The rounding is a template argument: chosen once per op, not per element, so the loops vectorize.
+template <bool kHalfUp>
+inline float RoundPof2(float v) {
+  return kHalfUp ? std::floor(v + 0.5f) : std::nearbyint(v);
+}
 
 class Pof2FakeQuantOp : public OpKernel {
  public:
@@ -280,11 +286,13 @@ class Pof2FakeQuantOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     float up, down;
     if (!ReadScalar(context, 1, &up) || !ReadScalar(context, 2, &down)) return;
-    const Tensor& input = context->input(0);
-    const float* x = input.flat<float>().data();
     const float qmin = qmin_, qmax = qmax_;
-    const bool half_up = half_up_;
-    ElementWise(context, 0, input, [=](int64_t i) { return Clip(RoundPof2(x[i] * up, half_up), qmin, qmax) * down; });
+    auto run = [&](auto half_up) {
+      ElementWise(context, 0, context->input(0), nullptr, [=](float x, float) {
+        return Clip(RoundPof2<decltype(half_up)::value>(x * up), qmin, qmax) * down;
+      });
+    };
+    half_up_ ? run(std::true_type{}) : run(std::false_type{});
   }
 
  private:
@@ -306,14 +314,14 @@ class Pof2FakeQuantGradOp : public OpKernel {
     const Tensor& input = context->input(1);
     OP_REQUIRES(context, context->input(0).shape() == input.shape(),
                 absl::InvalidArgumentError("upstream gradient and input differ in shape"));
-    const float* u = context->input(0).flat<float>().data();
-    const float* x = input.flat<float>().data();
     const float qmin = qmin_, qmax = qmax_;
-    const bool half_up = half_up_;
-    ElementWise(context, 0, input, [=](int64_t i) {
-      const float rounded = RoundPof2(x[i] * up, half_up);
-      return rounded >= qmin && rounded <= qmax ? (u[i] * down) * up : 0.0f * up;
-    });
+    auto run = [&](auto half_up) {
+      ElementWise(context, 0, input, &context->input(0), [=](float x, float u) {
+        const float rounded = RoundPof2<decltype(half_up)::value>(x * up);
+        return (rounded >= qmin) & (rounded <= qmax) ? (u * down) * up : 0.0f * up;
+      });
+    };
+    half_up_ ? run(std::true_type{}) : run(std::false_type{});
   }
 
  private:
@@ -339,13 +347,25 @@ class RangeOp : public OpKernel {
         blocks, 2 * kBlock, [=](int64_t first, int64_t last) {
           for (int64_t b = first; b < last; ++b) {
             const int64_t end = std::min(n, (b + 1) * kBlock);
-            float low = x[b * kBlock], high = low;
-            for (int64_t i = b * kBlock; i < end; ++i) {
-              low = x[i] < low ? x[i] : low;
-              high = x[i] > high ? x[i] : high;
+            Floats low = Floats{} + x[b * kBlock], high = low;  // lanes, as in GradBlock
+            int64_t i = b * kBlock;
+            for (; i + kLanes <= end; i += kLanes) {
+              Floats v;
+              std::memcpy(&v, x + i, sizeof(Floats));
+              low = v < low ? v : low;
+              high = v > high ? v : high;
             }
-            lo[b] = low;
-            hi[b] = high;
+            float lane_low = low[0], lane_high = high[0];
+            for (int l = 1; l < kLanes; ++l) {
+              lane_low = low[l] < lane_low ? low[l] : lane_low;
+              lane_high = high[l] > lane_high ? high[l] : lane_high;
+            }
+            for (; i < end; ++i) {
+              lane_low = x[i] < lane_low ? x[i] : lane_low;
+              lane_high = x[i] > lane_high ? x[i] : lane_high;
+            }
+            lo[b] = lane_low;
+            hi[b] = lane_high;
           }
         });
     Tensor* low = nullptr;
