@@ -277,6 +277,9 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
     assert ops.count("DEPTHWISE_CONV_2D") == 8
     assert "QUANTIZE" not in ops
     assert result["rounded_batchnorm"] == []
+    # The pooled transition conv stores its 4-bit codes times k, as the other convs do: a k times finer
+    # accumulator, so gemmlowp's second rounding (built-in kernels) catches ~k times fewer codes.
+    assert result["weight_code_multipliers"]["t_conv"] >= 9
     weighted = [op for op in info["ops"] if op["op"] in ("CONV_2D", "FULLY_CONNECTED")]
     steps = [g for n, g in result["activation_scales"].items() if not n.endswith("_q8")]
     for op in weighted:

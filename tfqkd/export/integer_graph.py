@@ -178,10 +178,13 @@ class IntegerGraph:
         """Fits each weighted layer's int8 weights and int32 bias to the grid its output is rounded onto."""
         for layer in self.model.layers:
             point = self.points.get(layer.name)
-            if not isinstance(point, WeightedPoint) or layer.name in self.pooled_first:
+            if not isinstance(point, WeightedPoint):
                 continue
             source = producer(layer.input)
             input_grid = self.activation_grids.get(source.name)
+            if layer.name in self.pooled_first:
+                point.pooled_multiplier(int(np.prod(self.pooled_first[layer.name][0].pool_size)), input_grid)
+                continue
             output = None
             activation = getattr(layer, "activation", None)
             own_relu = activation is keras.activations.relu
