@@ -378,6 +378,13 @@ def test_w8a8_integer_intermediates_batchnorms_are_exact_in_int8(tmp_path, mnist
     builtin = _every_code(model, path, x, builtin=True)
     fresh, compared = _batchnorm_misses(model, builtin)
     assert compared > 2e6 and fresh <= 5, (fresh, compared)
+    # The head's global average pool (a depthwise conv over the 14x14 map, its bias fitted for both
+    # kernels): the codes after it are the Keras pool's of the file's own input codes.
+    pooled_in, pooled_out = builtin["head_relu_q8"][1], builtin["head_dense_qin"][1]
+    mean = model.get_layer("head_pool")((pooled_in * model.get_layer("head_relu_q8").quantizer.grid().scale).astype(np.float32))
+    keras_codes = np.rint(np.asarray(mean, np.float64) / model.get_layer("head_dense_qin").quantizer.grid().scale)
+    moved = int(np.sum(keras_codes != pooled_out))
+    assert keras_codes.size == 4000 and moved <= 2, moved  # measured 0; the converter's MEAN: 23 of 4,000
     # The float head then sees the Keras model's codes: the same logits up to float32 sums.
     interpreter, _ = load_interpreter(path)
     detail = interpreter.get_input_details()[0]
