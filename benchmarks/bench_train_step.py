@@ -9,7 +9,8 @@ For each model (random 32x32x3 inputs, batch 64, SGD with momentum 0.9, sparse c
 * ``tfmot_qat``: ``tfmot.quantization.keras.quantize_model`` of it (the field's standard QAT),
   where tfmot can quantize the model (it cannot quantize a BatchNormalization that follows no conv);
 * ``tfqkd_w8a8``, ``tfqkd_w4a4``, ``tfqkd_thesis8``: ``tfqkd.quantize(model, policy)``;
-  ``tfqkd_dpu`` for the DPU variants;
+  ``tfqkd_dpu`` for the DPU variants; ``tfqkd_w8a8_tf_ops`` and ``tfqkd_w4a4_tf_ops``: the
+  learned-step policies on TensorFlow's ops instead of the fused kernels (``tfqkd.quant.kernels``);
 * for densenet21 also the QKD phases of a w8a8 student: ``qkd_ss``, ``qkd_cs`` (a float teacher of
   the same architecture co-trained) and ``qkd_ts_cache`` (teacher logits read from a cache).
 
@@ -36,6 +37,7 @@ from tfqkd.distill import QKD
 from tfqkd.models import create_model
 from tfqkd.plotting import pyplot, save_figure
 from tfqkd.quant import quantize
+from tfqkd.quant.kernels import fake_quant_ops, tensorflow_ops_only
 
 MODELS = ("densenet21_dpu", "resnet8", "densenet21", "kl_mlp_student")
 BATCH = 64
@@ -79,6 +81,13 @@ def variants(name, x, with_phases):
             built[variant] = (make(), plain)
         except Exception as err:  # a tool that cannot take this model is a result, not a crash
             skipped[variant] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    for policy in ("w8a8", "w4a4"):
+        # The same policy on TensorFlow's ops (what tfqkd ran before its fused kernels): the
+        # choice is made when the step is traced, so the first fit runs inside the switch.
+        with tensorflow_ops_only():
+            model = _plain(quantize(float_model, policy, x[:256]))
+            model.fit(plain, epochs=1, steps_per_epoch=1, verbose=0)
+        built[f"tfqkd_{policy}_tf_ops"] = (model, plain)
     if with_phases:
         student = quantize(float_model, "w8a8", x[:256])
         teacher = create_model(name, num_classes=10, input_shape=x.shape[1:])
@@ -138,6 +147,7 @@ def main(argv=None):
         "batch_size": BATCH,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
+        "fused_kernels": fake_quant_ops() is not None,
         "results": results,
     }
     import json

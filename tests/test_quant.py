@@ -204,7 +204,7 @@ def test_fused_training_kernels_compute_what_tensorflow_ops_compute(signed, bits
     from tfqkd.quant import quantizers as Q
 
     _needs_a_compiler()
-    assert kernels.learned_step_ops() is not None
+    assert kernels.fake_quant_ops() is not None
     rng = np.random.default_rng(3)
     x = tf.constant((rng.standard_normal((4, 16, 16, 80)) * 2 + (0 if signed else 1)).astype("float32"))
     upstream = tf.constant(rng.standard_normal(x.shape).astype("float32"))
@@ -239,6 +239,50 @@ def test_fused_training_kernels_compute_what_tensorflow_ops_compute(signed, bits
     assert not any(op.startswith("Tfqkd") for op in ops[False])
 
 
+@pytest.mark.parametrize(
+    "make", [lambda: AffineQuantizer(8, signed=False, running=True), lambda: AffineQuantizer(4, signed=True),
+             lambda: Pof2Quantizer(8, rounding="half_up", running=True), lambda: Pof2Quantizer(8),
+             lambda: tfqkd.dpu.DPUQuantizer(rounding="half_up")],
+    ids=["affine_running", "affine_weights", "pof2_half_up", "pof2_even", "dpu"],
+)  # fmt: skip
+def test_fused_training_kernels_of_the_fixed_scale_schemes_compute_the_same_bits(make):
+    """Affine, power-of-two and DPU quantizers in a training step: the compiled kernels (one pass for the
+    running min/max too) give the output, input gradient and updated statistics of TensorFlow's ops, bit for bit."""
+    from tfqkd.quant import kernels
+
+    _needs_a_compiler()
+    rng = np.random.default_rng(9)
+    x = tf.constant((rng.standard_normal((4, 16, 16, 80)) * 2).astype("float32"))
+    x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0], [1, 0, 0, 0]], [24.5 / 32, -8.5 / 32])  # exact ties at step 2**-5
+    upstream = tf.constant(rng.standard_normal(x.shape).astype("float32"))
+    q = _bound(make(), shape=x.shape[1:])
+    q.initialize(x.numpy() * 0.6)  # running ranges narrower than x: some values clip
+    if isinstance(q, tfqkd.dpu.DPUQuantizer):
+        q.pos.assign([5.0])  # a step of 1/32 (the ties above round half up), a range of +-4: some values clip
+    initial = [v.numpy() for v in q.state_variables()]
+
+    def train_step():
+        for variable, value in zip(q.state_variables(), initial):
+            variable.assign(value)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = q(x, training=True)
+        graph_ops = {op.type for op in tf.function(lambda t: q(t, training=True)).get_concrete_function(x).graph.get_operations()}
+        state = [v.numpy() for v in q.state_variables()]
+        return [y.numpy(), tape.gradient(y, x, output_gradients=upstream).numpy(), *state], graph_ops
+
+    fused, fused_ops = train_step()
+    with kernels.tensorflow_ops_only():
+        stock, stock_ops = train_step()
+    assert any(op.startswith("Tfqkd") for op in fused_ops) and not any(op.startswith("Tfqkd") for op in stock_ops)
+    for a, b in zip(fused, stock):
+        np.testing.assert_array_equal(a, b)
+    if getattr(q, "running", True):  # (a range from the tensor itself clips nothing)
+        assert 0 < np.mean(fused[1] == 0) < 0.9  # clipped values get no gradient
+    if getattr(q, "running", False):
+        assert not np.array_equal(fused[2], initial[0])  # the statistics moved
+
+
 def test_without_a_compiler_training_warns_once_and_uses_tensorflow_ops(monkeypatch, tmp_path):
     from tfqkd.quant import kernels
 
@@ -246,10 +290,10 @@ def test_without_a_compiler_training_warns_once_and_uses_tensorflow_ops(monkeypa
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("TFQKD_KERNEL_CACHE", str(tmp_path))
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler \\(no-such-compiler-xyz\\)"):
-        assert kernels.learned_step_ops() is None
+        assert kernels.fake_quant_ops() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernels.learned_step_ops() is None  # once per process
+        assert kernels.fake_quant_ops() is None  # once per process
         q = _bound(LearnedStepQuantizer(8, signed=False), shape=(64, 64, 4))
         x = tf.random.uniform((2, 64, 64, 4))
         np.testing.assert_array_equal(q(x, training=True).numpy(), q(x, training=False).numpy())
@@ -258,21 +302,42 @@ def test_without_a_compiler_training_warns_once_and_uses_tensorflow_ops(monkeypa
     monkeypatch.setenv("TFQKD_FUSED_KERNELS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernels.learned_step_ops() is None  # turned off: no warning
+        assert kernels.fake_quant_ops() is None  # turned off: no warning
 
 
 def test_a_kernel_that_does_not_compile_is_reported_with_the_compiler_error(monkeypatch, tmp_path):
     from tfqkd.quant import kernels
 
     _needs_a_compiler()
-    broken = tmp_path / "learned_step.cc"
+    broken = tmp_path / "fake_quant.cc"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(kernels, "_SOURCE", broken)
     monkeypatch.setenv("TFQKD_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="the build failed: .*error"):
-        assert kernels.learned_step_ops() is None
+        assert kernels.fake_quant_ops() is None
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
+
+
+def test_a_damaged_cached_kernel_is_rebuilt(tmp_path):
+    """A cached library that does not load (a damaged file) is compiled afresh, not reported as missing."""
+    import subprocess
+    import sys
+
+    _needs_a_compiler()
+    script = (
+        "import shutil, warnings\n"
+        "from tfqkd.quant import kernels\n"
+        "warnings.simplefilter('error', RuntimeWarning)  # the kernel-unavailable warning fails the run\n"
+        "path = kernels._build(shutil.which('g++'))\n"
+        "path.write_bytes(b'not a shared library')\n"
+        "ops = kernels.fake_quant_ops()\n"
+        "print('loaded', hasattr(ops, 'tfqkd_learned_step_fake_quant'), path.stat().st_size > 1000)\n"
+    )
+    env = {**os.environ, "TFQKD_KERNEL_CACHE": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded True True" in result.stdout
 
 
 def test_learned_step_stays_positive_after_a_huge_update():
@@ -481,6 +546,27 @@ def test_quantized_model_saves_and_loads(tmp_path):
     clone = keras.Model.from_config(config, custom_objects=custom_objects())
     clone.set_weights(qmodel.get_weights())
     np.testing.assert_array_equal(clone(data).numpy(), expected)
+
+
+def test_layers_reading_one_tensor_share_its_input_quantizer(tmp_path):
+    """ResNet's shortcut and first conv read one tensor: with the same spec they share one quantizer (one grid
+    per tensor, as an int8 runtime keeps, and one pass in training); with different specs each has its own."""
+    float_model = tfqkd.create_model("resnet8", num_classes=10)
+    x = np.random.default_rng(0).random((16, 32, 32, 3)).astype("float32")
+    model = quantize(float_model, "w8a8", x)
+    qins = [layer for layer in model.layers if isinstance(layer, QActivation)]
+    assert len(qins) == 8  # 10 quantized layers, two pairs reading one tensor
+    for conv, shortcut in (("stack2_conv1", "stack2_shortcut_conv"), ("stack3_conv1", "stack3_shortcut_conv")):
+        assert tfqkd.quant.layers.input_quantizer_of(model.get_layer(shortcut)).name == conv + "_qin"
+        assert layer_specs(model)[shortcut].activation_bits == 8  # read back through the shared quantizer
+    path = tmp_path / "resnet8.keras"
+    model.save(path)
+    np.testing.assert_array_equal(tfqkd.load_model(path)(x[:4]), model(x[:4]))
+    policy = {"default": {"weight_bits": 8, "activation_bits": 8}, "rules": [{"match": "*shortcut*", "activation_bits": 4}]}
+    mixed = quantize(float_model, policy, x)
+    assert len([layer for layer in mixed.layers if isinstance(layer, QActivation)]) == 10
+    assert layer_specs(mixed)["stack2_shortcut_conv"].activation_bits == 4
+    assert layer_specs(mixed)["stack2_conv1"].activation_bits == 8
 
 
 def test_policy_serializes_with_model():

@@ -203,9 +203,9 @@ def collect_tensors(model, data, max_examples=32, batch_size=16):
     Returns:
       list of dicts ``{layer, tensor ("weight"|"activation"), layer_type, values, bits,
       clip_range}`` in layer order. Activations are the layer's input before its input
-      quantizer (the ``<layer>_qin`` QActivation) so clipping by that quantizer is visible.
+      quantizer (its ``*_qin`` QActivation) so clipping by that quantizer is visible.
     """
-    from tfqkd.quant.transform import INPUT_QUANTIZER_SUFFIX
+    from tfqkd.quant.layers import input_quantizer_of
 
     model = _unwrap(model)
     x = _first_batch(data, max_examples)
@@ -217,10 +217,7 @@ def collect_tensors(model, data, max_examples=32, batch_size=16):
         raise TfqkdError(f"model '{model.name}' has no Conv2D/DepthwiseConv2D/Dense layer to analyse")
     probes, qins = [], []
     for layer in targets:
-        try:
-            qin = model.get_layer(layer.name + INPUT_QUANTIZER_SUFFIX)
-        except ValueError:
-            qin = None
+        qin = input_quantizer_of(layer)
         source = qin if qin is not None else layer
         if len(source._inbound_nodes) != 1:
             raise TfqkdError(f"layer '{source.name}' is shared; layerwise analysis needs one call per layer")

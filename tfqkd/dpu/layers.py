@@ -78,7 +78,7 @@ class DPUQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         if self.bypass:
             return x
         pos = tf.stop_gradient(tf.cast(self.pos[0], x.dtype))
-        return power_of_two_fake_quant(x, pos, QMIN, QMAX, half_up=self.rounding == "half_up")
+        return power_of_two_fake_quant(x, pos, QMIN, QMAX, half_up=self.rounding == "half_up", training=training)
 
     def initialize(self, values, method="minmax"):
         """Sets the position so that ``max|values|`` does not overflow (Vitis ``method`` 0)."""

@@ -26,7 +26,7 @@ from tfqkd.graph import single_producer
 from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer
 
 __all__ = [
-    "INPUT_QUANTIZER_SUFFIX", "IntegerBatchNormalization", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "layer_quantizers",
+    "INPUT_QUANTIZER_SUFFIX", "IntegerBatchNormalization", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "input_quantizer_of", "layer_quantizers",
     "model_quantizers", "quantized_layer_classes", "weight_quantizers",
 ]  # fmt: skip
 
@@ -340,6 +340,14 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         gain, offset = self.integer_affine(step)
         return tf.cast(tf.cast(inputs, tf.float32) * gain + offset, self.compute_dtype)
+
+
+def input_quantizer_of(layer):
+    """The ``*_qin`` QActivation that ``quantize()`` put in front of ``layer`` (shared by the layers reading one tensor), or None."""
+    source = single_producer(layer)
+    if isinstance(source, QActivation) and source.name.endswith(INPUT_QUANTIZER_SUFFIX):
+        return source if isinstance(source.quantizer, TfqkdQuantizer) else None
+    return None
 
 
 def quantized_layer_classes():

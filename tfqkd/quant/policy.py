@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import INPUT_QUANTIZER_SUFFIX, QActivation, weight_quantizers
+from tfqkd.quant.layers import input_quantizer_of, weight_quantizers
 from tfqkd.quant.quantizers import TfqkdQuantizer, validate_bits
 from tfqkd.quant.targets import get_target, list_targets
 
@@ -503,8 +503,4 @@ def layer_specs(model):
 
 
 def _input_quantizer_layer(model, name):
-    try:
-        layer = model.get_layer(name + INPUT_QUANTIZER_SUFFIX)
-    except ValueError:
-        return None
-    return layer if isinstance(layer, QActivation) and isinstance(layer.quantizer, TfqkdQuantizer) else None
+    return input_quantizer_of(model.get_layer(name))

@@ -234,9 +234,11 @@ class TfqkdQuantizer:
         return cls(**config)
 
 
-# Tensors at least this large take the XLA-fused kernels below; smaller ones (most
-# weights) plain ops, which cost less than an XLA launch there. Both give the same
-# bits (tests/test_quant.py checks it).
+# Three ways to compute one quantizer, all giving the same forward bits and input gradient
+# (tests/test_quant.py): in a training step on a large tensor, the compiled kernels of
+# tfqkd.quant.kernels (one op each way); otherwise (inference, which converters read, or no C++
+# compiler), tensors at least this large take the XLA-fused functions below and smaller ones
+# (most weights) plain ops, which cost less than an XLA launch there.
 _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
 
@@ -271,6 +273,11 @@ def _is_large(x):
     return numel is None or numel >= _FUSE_MIN_ELEMENTS
 
 
+def _takes_fused_kernels(x, training):
+    """Training on a large float32 tensor, with the kernels built: the fused path (inference keeps stock ops)."""
+    return training is True and x.dtype == tf.float32 and _is_large(x) and kernels.fake_quant_ops() is not None
+
+
 def _affine_fake_quant(x, scale, zero_point, qmin, qmax):
     codes = tf.clip_by_value(round_ste(x / scale) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
@@ -302,7 +309,7 @@ _fused_pof2_fake_quant = tf.function(_pof2_fake_quant, **_XLA)
 _fused_pof2_input_gradient = tf.function(_pof2_input_gradient, **_XLA)
 
 
-def power_of_two_fake_quant(x, pos, qmin, qmax, half_up):
+def power_of_two_fake_quant(x, pos, qmin, qmax, half_up, training=None):
     """``clip(round(x * 2**pos), qmin, qmax) * 2**-pos`` with a straight-through gradient.
 
     Args:
@@ -310,10 +317,12 @@ def power_of_two_fake_quant(x, pos, qmin, qmax, half_up):
       pos: the position (a scalar tensor, no gradient).
       qmin, qmax: the integer code range (ints).
       half_up: round half up (``floor(v + 0.5)``, the DPU's activations) instead of half to even.
+      training: True in a training step: large tensors then take the fused kernels.
     """
     two = tf.constant(2.0, x.dtype)
     qmin, qmax = (tf.constant(float(v), x.dtype) for v in (qmin, qmax))
-    return _pof2_straight_through(x, tf.pow(two, pos), tf.pow(two, -pos), qmin, qmax, tf.constant(bool(half_up)))
+    straight_through = _fused_pof2_straight_through if _takes_fused_kernels(x, training) else _pof2_straight_through
+    return straight_through(x, tf.pow(two, pos), tf.pow(two, -pos), qmin, qmax, tf.constant(bool(half_up)))
 
 
 # Autodiff through an XLA function costs more than the plain ops: these state the
@@ -341,6 +350,43 @@ def _pof2_straight_through(x, up, down, qmin, qmax, half_up):
         return input_gradient(upstream, x, up, down, qmin, qmax, half_up), None, None, None, None, None
 
     return fake_quant(x, up, down, qmin, qmax, half_up), grad
+
+
+def _attributes(*constants):
+    """Python values of constant tensors, for op attributes."""
+    return [tf.get_static_value(c).item() for c in constants]
+
+
+@tf.custom_gradient
+def _fused_affine_straight_through(x, scale, zero_point, qmin, qmax):
+    """:func:`_affine_straight_through` on the fused kernels (the same bits)."""
+    ops = kernels.fake_quant_ops()
+    low, high = _attributes(qmin, qmax)
+
+    def grad(upstream):
+        return ops.tfqkd_affine_fake_quant_grad(upstream, x, scale, zero_point, qmin=low, qmax=high), None, None, None, None
+
+    return ops.tfqkd_affine_fake_quant(x, scale, zero_point, qmin=low, qmax=high), grad
+
+
+@tf.custom_gradient
+def _fused_pof2_straight_through(x, up, down, qmin, qmax, half_up):
+    """:func:`_pof2_straight_through` on the fused kernels (the same bits)."""
+    ops = kernels.fake_quant_ops()
+    low, high, half = _attributes(qmin, qmax, half_up)
+
+    def grad(upstream):
+        grad_x = ops.tfqkd_pof2_fake_quant_grad(upstream, x, up, down, qmin=low, qmax=high, half_up=half)
+        return grad_x, None, None, None, None, None
+
+    return ops.tfqkd_pof2_fake_quant(x, up, down, qmin=low, qmax=high, half_up=half), grad
+
+
+def _range(x, training):
+    """``(min(x), max(x))``: in one fused pass when training on a large tensor (exact either way)."""
+    if _takes_fused_kernels(x, training):
+        return kernels.fake_quant_ops().tfqkd_range(x)
+    return tf.reduce_min(x), tf.reduce_max(x)
 
 
 @tf.custom_gradient
@@ -405,8 +451,8 @@ def _fused_learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
     that computes the input gradient (in blocks, accumulated in double) instead of three
     reductions, and its scaling and bound in the same op instead of eight scalar ones.
     """
-    ops = kernels.learned_step_ops()
-    low, high, scale = (float(tf.get_static_value(v)) for v in (qmin, qmax, grad_scale))  # constants: attributes
+    ops = kernels.fake_quant_ops()
+    low, high, scale = _attributes(qmin, qmax, grad_scale)
     step = tf.exp(tf.clip_by_value(log_step, -30.0, 30.0))
     output = ops.tfqkd_learned_step_fake_quant(x, step, qmin=low, qmax=high)
 
@@ -416,11 +462,6 @@ def _fused_learned_step_fake_quant(x, log_step, qmin, qmax, grad_scale):
         return grad_x, grad_log_step, None, None, None
 
     return output, grad
-
-
-def _takes_fused_kernels(x, training):
-    """Training on a large float32 tensor, with the kernels built: the fused path (inference keeps stock ops)."""
-    return training is True and x.dtype == tf.float32 and _is_large(x) and kernels.learned_step_ops() is not None
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="LearnedStepQuantizer")
@@ -640,7 +681,7 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             return tf.reduce_min(x), tf.reduce_max(x)
         lo, hi = self.variable("min"), self.variable("max")
         if training:
-            batch_lo, batch_hi = tf.reduce_min(x), tf.reduce_max(x)
+            batch_lo, batch_hi = _range(x, training)
             lo.assign(lo + _EMA_MOMENTUM * (tf.cast(batch_lo, lo.dtype) - lo))
             hi.assign(hi + _EMA_MOMENTUM * (tf.cast(batch_hi, hi.dtype) - hi))
         return tf.cast(lo[0], x.dtype), tf.cast(hi[0], x.dtype)
@@ -676,7 +717,8 @@ class AffineQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         scale, zero_point = self.scale_and_zero_point(lo, hi)
         scale, zero_point = tf.stop_gradient(scale), tf.stop_gradient(zero_point)
         qmin, qmax = (tf.constant(float(v), x.dtype) for v in (self.qmin, self.qmax))
-        return _affine_straight_through(x, tf.cast(scale, x.dtype), tf.cast(zero_point, x.dtype), qmin, qmax)
+        straight_through = _fused_affine_straight_through if _takes_fused_kernels(x, training) else _affine_straight_through
+        return straight_through(x, tf.cast(scale, x.dtype), tf.cast(zero_point, x.dtype), qmin, qmax)
 
     def initialize(self, values, method="minmax"):
         """Seeds the running min/max from sample values (no-op for weights)."""
@@ -731,7 +773,8 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
             return tf.reduce_max(tf.abs(x))
         absmax = self.variable("absmax")
         if training:
-            batch = tf.cast(tf.reduce_max(tf.abs(x)), absmax.dtype)
+            low, high = _range(x, training)
+            batch = tf.cast(tf.maximum(-low, high), absmax.dtype)  # max |x|, without a pass for |x|
             absmax.assign(absmax + _EMA_MOMENTUM * (batch - absmax))
         return absmax[0]
 
@@ -751,7 +794,7 @@ class Pof2Quantizer(TfqkdQuantizer, qkeras.quantized_bits):
     def __call__(self, x, training=None):
         x = tf.convert_to_tensor(x)
         pos = tf.stop_gradient(tf.cast(self.position_for(self._absmax(x, training)), x.dtype))
-        return power_of_two_fake_quant(x, pos, self.qmin, self.qmax, half_up=self.rounding == "half_up")
+        return power_of_two_fake_quant(x, pos, self.qmin, self.qmax, half_up=self.rounding == "half_up", training=training)
 
     def initialize(self, values, method="minmax"):
         """Seeds the running maximum from sample values (no-op for weights)."""

@@ -8,11 +8,13 @@ The twin is built by rewriting the functional model's config: every
 ``Conv2D`` / ``DepthwiseConv2D`` / ``Dense`` the policy selects becomes its
 QKeras counterpart with weight (and bias) quantizers, and a ``QActivation``
 named ``<layer>_qin`` is inserted in front of it to quantize its input (the
-activation interval I_X). Everything else (BatchNormalization, pooling,
+activation interval I_X); layers that read one tensor with the same input spec (a
+ResNet's shortcut and first convolution) share the first one's. Everything else (BatchNormalization, pooling,
 concatenation) is copied unchanged, weights included.
 """
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -315,6 +317,10 @@ def quantize(
     config = copy.deepcopy(model.get_config())
     new_layers = []
     input_quantizers = {}
+    # One input quantizer per tensor and quantizer: layers reading the same tensor with the same
+    # spec (a ResNet's shortcut and first conv) share it, as an integer runtime keeps one grid
+    # per tensor, and training quantizes it once.
+    shared_quantizers = {}
     for entry in config["layers"]:
         name, cls = entry["name"], entry["class_name"]
         spec = specs.get(name)
@@ -335,25 +341,28 @@ def quantize(
                 signed = bool(probe_values[name].min() < 0)
             else:
                 signed = not _is_non_negative(source)
-            qin_name = name + INPUT_QUANTIZER_SUFFIX
             # Uncalibrated, a model input gets the data range, not the activation default:
             # with 2-bit codes a step of 4 would round every pixel to zero.
             initial_range = _MODEL_INPUT_RANGE if batch is None and _reads_model_input(source) else None
-            quantizer = make_input_quantizer(spec, signed, initial_range)
-            input_quantizers[qin_name] = name
-            new_layers.append(
-                {
-                    "class_name": "QActivation",
-                    "name": qin_name,
-                    "config": {
+            serialized = keras.utils.serialize_keras_object(make_input_quantizer(spec, signed, initial_range))
+            key = json.dumps([entry["inbound_nodes"], serialized], sort_keys=True, default=str)
+            qin_name = shared_quantizers.get(key)
+            if qin_name is None:
+                qin_name = shared_quantizers[key] = name + INPUT_QUANTIZER_SUFFIX
+                input_quantizers[qin_name] = name
+                new_layers.append(
+                    {
+                        "class_name": "QActivation",
                         "name": qin_name,
-                        "trainable": True,
-                        "dtype": layer_config.get("dtype", "float32"),
-                        "activation": keras.utils.serialize_keras_object(quantizer),
-                    },
-                    "inbound_nodes": entry["inbound_nodes"],
-                }
-            )
+                        "config": {
+                            "name": qin_name,
+                            "trainable": True,
+                            "dtype": layer_config.get("dtype", "float32"),
+                            "activation": serialized,
+                        },
+                        "inbound_nodes": entry["inbound_nodes"],
+                    }
+                )
             entry["inbound_nodes"] = [[[qin_name, 0, 0, {}]]]
             if integer_intermediates and cls in ("Conv2D", "Dense"):
                 layer_config["integer_accumulation"] = True  # sums codes at inference, as int8 does

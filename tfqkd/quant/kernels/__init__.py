@@ -2,8 +2,9 @@
 
 Why: TensorFlow has no fused op for the learned-step (LSQ) quantizer; written with its ops it
 takes about twelve passes over each activation tensor per training step, which made a tfqkd
-QAT step cost more than tfmot's (whose FakeQuant ops are fused kernels). ``learned_step.cc`` is
-the forward and the backward of that quantizer, one pass each (issue 16).
+QAT step cost more than tfmot's (whose FakeQuant ops are fused kernels). ``fake_quant.cc`` holds
+the forward and the backward of each tfqkd quantizer scheme (learned step, affine, power of two),
+one pass each, and a one-pass min/max for the running statistics (issue 16).
 
 The library is built against the installed TensorFlow's headers (``tf.sysconfig``) with ``g++``
 (or ``$CXX``), about 5 s, and cached under ``~/.cache/tfqkd/kernels`` (``$TFQKD_KERNEL_CACHE``)
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from tfqkd.compat import tf
 
-__all__ = ["learned_step_ops", "tensorflow_ops_only"]
+__all__ = ["fake_quant_ops", "tensorflow_ops_only"]
 
-_SOURCE = Path(__file__).with_name("learned_step.cc")
+_SOURCE = Path(__file__).with_name("fake_quant.cc")
 # Bit-exact with TensorFlow's ops: IEEE division and rounding, no fused multiply-add.
 _FLAGS = ["-shared", "-fPIC", "-O3", "-fno-math-errno", "-ffp-contract=off", "-w"]
 # TensorFlow's x86 wheels require AVX themselves, so a library built with it runs wherever they do.
@@ -45,7 +46,15 @@ _switched_off = threading.local()
 def _cache_dir():
     if os.environ.get("TFQKD_KERNEL_CACHE"):
         return Path(os.environ["TFQKD_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfqkd" / "kernels"
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfqkd" / "kernels"
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    # A read-only home (containers, CI sandboxes): this user's temporary directory instead.
+    return Path(tempfile.gettempdir()) / f"tfqkd-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _command(compiler, source, output):
@@ -56,12 +65,12 @@ def _command(compiler, source, output):
             *tf.sysconfig.get_link_flags()]  # fmt: skip
 
 
-def _build(compiler):
+def _build(compiler, rebuild=False):
     """The path of the compiled library (built now unless cached); raises OSError/CalledProcessError/TimeoutExpired."""
     recipe = " ".join(_command(compiler, "SOURCE", "OUTPUT")) + tf.__version__ + platform.machine()
     digest = hashlib.sha256(_SOURCE.read_bytes() + recipe.encode()).hexdigest()[:16]
     library = _cache_dir() / f"{_SOURCE.stem}-{digest}.so"
-    if library.exists():
+    if library.exists() and not rebuild:
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: a concurrent process never loads half a file.
@@ -81,14 +90,19 @@ def _load():
         reason = f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH"
     else:
         try:
-            return tf.load_op_library(str(_build(compiler)))
+            try:
+                ops = tf.load_op_library(str(_build(compiler)))
+            except tf.errors.OpError:  # a cached file that does not load (damaged, other libc): built afresh once
+                ops = tf.load_op_library(str(_build(compiler, rebuild=True)))
+            tf.no_gradient("TfqkdRange")  # running statistics: no gradient flows through them
+            return ops
         except subprocess.CalledProcessError as err:
             errors = [line for line in (err.stderr or "").splitlines() if "error" in line]
             reason = f"the build failed: {(errors or ['exit status ' + str(err.returncode)])[0].strip()[:200]}"
         except (OSError, subprocess.TimeoutExpired, tf.errors.OpError) as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     warnings.warn(
-        f"tfqkd: the fused learned-step quantizer kernel is unavailable ({reason}); quantized training uses "
+        f"tfqkd: the fused quantizer kernels are unavailable ({reason}); quantized training uses "
         "TensorFlow's ops, which are slower. Install g++ (or set CXX) to build it; TFQKD_FUSED_KERNELS=0 silences this.",
         RuntimeWarning, stacklevel=3,
     )  # fmt: skip
@@ -96,14 +110,14 @@ def _load():
 
 
 @tf.autograph.experimental.do_not_convert  # called while Keras traces a layer; nothing here is graph code
-def learned_step_ops():
-    """The loaded op library (``tfqkd_learned_step_fake_quant`` and its ``_grad``), or None without one."""
+def fake_quant_ops():
+    """The loaded op library (``tfqkd_{learned_step,affine,pof2}_fake_quant``, their ``_grad``, ``tfqkd_range``), or None."""
     if getattr(_switched_off, "depth", 0):
         return None
     with _lock:
-        if "learned_step" not in _loaded:
-            _loaded["learned_step"] = _load()
-        return _loaded["learned_step"]
+        if "fake_quant" not in _loaded:
+            _loaded["fake_quant"] = _load()
+        return _loaded["fake_quant"]
 
 
 @contextlib.contextmanager
