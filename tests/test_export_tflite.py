@@ -272,11 +272,15 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
     assert float_ops(info) == []
     ops = [op["op"] for op in info["ops"]]
     assert "MUL" not in ops and "ADD" not in ops and "AVERAGE_POOL_2D" not in ops
-    # 6 BN requantizations + 2 concat inputs (stem, pooled transition); no QUANTIZE. The transition's
-    # 1x1 conv and 2x2 average pool are one 2x2 stride-2 CONV_2D (weights / 4, one rounding).
-    assert ops.count("DEPTHWISE_CONV_2D") == 8
-    assert "QUANTIZE" not in ops
+    # 6 BN requantizations + 2 concat inputs (stem, pooled transition) + the head's global average
+    # pool; no QUANTIZE, no MEAN. The transition's 1x1 conv and 2x2 average pool are one 2x2
+    # stride-2 CONV_2D (weights / 4, one rounding).
+    assert ops.count("DEPTHWISE_CONV_2D") == 9
+    assert "QUANTIZE" not in ops and "MEAN" not in ops
     assert result["rounded_batchnorm"] == []
+    # The pooled transition conv stores its 4-bit codes times k, as the other convs do: a k times finer
+    # accumulator, so gemmlowp's second rounding (built-in kernels) catches ~k times fewer codes.
+    assert result["weight_code_multipliers"]["t_conv"] >= 9
     weighted = [op for op in info["ops"] if op["op"] in ("CONV_2D", "FULLY_CONNECTED")]
     steps = [g for n, g in result["activation_scales"].items() if not n.endswith("_q8")]
     for op in weighted:

@@ -43,14 +43,22 @@ grid, each BN -> ReLU -> quantizer on such a tensor is one per-channel
 requantization (1x1 DEPTHWISE_CONV_2D, bias chosen so all 256 input codes map
 as in the float model), a concat input on another trained grid than the
 concat's is requantized by the same kind of op (the converter's QUANTIZE runs
-on XNNPACK's 8-bit fixed-point multiplier and moves codes), and a 1x1 conv ->
+on XNNPACK's 8-bit fixed-point multiplier and moves codes), a 1x1 conv ->
 average pool is one convolution with the pool's window and stride, rounded
-once. The Keras side puts each BN offset on its lowering's bias grid
-(IntegerBatchNormalization) and sums integer codes in its convs. Measured on
-densenet21 (mnist5k, 1,000 test images, XNNPACK): w8a8 99.9% top-1
-agreement and 1.21 int8 output steps, w4a4 99.8% and 2.01 (the few codes
-still moved sit within float32 error of a rounding threshold; see
-benchmarks/results/int8_fidelity.json).
+once, and a global average pool into a quantizer is one depthwise conv over
+the whole map (the converter's MEAN moves codes on TFLite's built-in
+kernels). The Keras side puts each BN offset on its lowering's bias grid
+(IntegerBatchNormalization) and sums integer codes in its convs.
+
+Two runtimes, one file: XNNPACK (LiteRT) requantizes with one float32
+rounding, TFLite's built-in kernels (tflite-runtime) with gemmlowp's two
+roundings where the multiplier is below 0.5. The BN and requantization ops
+store their gain at a weight code that makes the multiplier >= 0.5 where the
+scales allow it, and their biases are fitted on both runtimes' arithmetic.
+A conv whose output is rounded onto an 8-bit grid keeps a multiplier below
+0.5 (its weight codes are the trained ones), so the built-in kernels still
+move ~0.02-2% of those codes by one, and the errors add up over a densenet21
+(measured figures per runtime: benchmarks/results/int8_fidelity.json).
 """
 
 import numpy as np
@@ -58,7 +66,7 @@ import numpy as np
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.export.integer_points import (
-    OUTPUT_MARGIN, ActivationPoint, ChannelAffine, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
+    OUTPUT_MARGIN, ActivationPoint, ChannelAffine, GlobalMean, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
     channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
 )  # fmt: skip
 from tfqkd.graph import as_functional, producer, tensor_consumers
@@ -151,6 +159,7 @@ class IntegerGraph:
             elif type(layer).__module__.startswith("qkeras"):
                 raise TfqkdError(f"layer '{layer.name}': QKeras layer {type(layer).__name__} is not supported by the exporter")
         self.channel_affines = self._exact_batchnorms(consumers)
+        self.global_means = self._global_means(consumers)
         self.pooled_first = self._pooled_first(consumers)
         self._pool_identity = {pool.name for pool, _ in self.pooled_first.values()}
         self.concat_windows = self._concat_windows(consumers)
@@ -178,10 +187,13 @@ class IntegerGraph:
         """Fits each weighted layer's int8 weights and int32 bias to the grid its output is rounded onto."""
         for layer in self.model.layers:
             point = self.points.get(layer.name)
-            if not isinstance(point, WeightedPoint) or layer.name in self.pooled_first:
+            if not isinstance(point, WeightedPoint):
                 continue
             source = producer(layer.input)
             input_grid = self.activation_grids.get(source.name)
+            if layer.name in self.pooled_first:
+                point.pooled_multiplier(int(np.prod(self.pooled_first[layer.name][0].pool_size)), input_grid)
+                continue
             output = None
             activation = getattr(layer, "activation", None)
             own_relu = activation is keras.activations.relu
@@ -237,6 +249,24 @@ class IntegerGraph:
             if target is None:
                 continue
             found[layer.name] = ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
+        return found
+
+    def _global_means(self, consumers):
+        """Global average pools of a trained int8 grid whose output feeds one activation quantizer
+        (the head of an ``integer_intermediates`` DenseNet): ``{pool name: GlobalMean}``."""
+        found = {}
+        for layer in self.model.layers:
+            if type(layer) is not keras.layers.GlobalAveragePooling2D or layer.data_format != "channels_last":
+                continue
+            if getattr(layer, "keepdims", False) or layer.input.shape.rank != 4 or None in layer.input.shape[1:3]:
+                continue
+            source = producer(layer.input)
+            users = consumers.get(id(layer.output), [])
+            if source.name not in self.activation_grids or len(users) != 1 or users[0].name not in self.activation_grids:
+                continue
+            found[layer.name] = GlobalMean(
+                layer.input.shape[1:3], self.activation_grids[source.name], self.activation_grids[users[0].name]
+            )
         return found
 
     def _pooled_first(self, consumers):
@@ -458,6 +488,8 @@ class IntegerGraph:
                     outputs = args[0]
                 elif integer and layer.name in self.channel_affines:
                     outputs = self.channel_affines[layer.name](args[0])
+                elif integer and layer.name in self.global_means:
+                    outputs = self.global_means[layer.name](args[0])
                 elif integer and layer.name in self.pooled_first:
                     pool, target = self.pooled_first[layer.name]
                     outputs = self.points[layer.name].pooled(args[0], pool)

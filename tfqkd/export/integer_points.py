@@ -21,11 +21,11 @@ import numpy as np
 
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.quant.layers import IntegerBatchNormalization, QDense, QDepthwiseConv2D
+from tfqkd.quant.layers import IntegerBatchNormalization, QDense, QDepthwiseConv2D, gain_codes
 from tfqkd.quant.quantizers import AffineQuantizer, TfqkdQuantizer
 
 __all__ = [
-    "OUTPUT_MARGIN", "ActivationPoint", "ChannelAffine", "WeightedPoint", "activation_grid", "batchnorm_as_depthwise",
+    "OUTPUT_MARGIN", "ActivationPoint", "ChannelAffine", "GlobalMean", "WeightedPoint", "activation_grid", "batchnorm_as_depthwise",
     "bn_affine", "channels_last", "constant_pool", "fake_quant", "threshold_counts", "weight_codes",
 ]  # fmt: skip
 
@@ -261,6 +261,21 @@ class WeightedPoint:
         self._unit = _accumulator_unit(k, input_grid, channel_scale)
         self.int_bias = np.rint(bias / self._unit)
 
+    def pooled_multiplier(self, area, input_grid):
+        """Sets and returns the ``k`` of :meth:`pooled`: the largest with codes ``* k`` in [-127, 127] and the
+        window's sum in int32 (2**24 kept for the bias)."""
+        input_magnitude = 255
+        if input_grid is not None:
+            low, high, _ = input_grid.int8_window()
+            input_magnitude = max(abs(low), abs(high))
+        largest = int(np.max(np.abs(self.weight_codes), initial=0))
+        k = _WEIGHT_CODE_MAX // largest if largest else 1
+        total = area * float(np.max(self._reduction_sums(), initial=0.0)) * input_magnitude
+        while k > 1 and total * k >= 2**31 - 2**24:
+            k -= 1
+        self.code_multiplier = k
+        return k
+
     def pooled(self, x, pool):
         """``pool(self(x))`` as one convolution with the pool's window and stride (see ``IntegerGraph._pooled_first``).
 
@@ -274,6 +289,15 @@ class WeightedPoint:
         area = int(np.prod(pool.pool_size))
         step = self.step / area
         codes = np.broadcast_to(self.weight_codes[0, 0], (*pool.pool_size, *self.weight_codes.shape[2:]))
+        # Stored as codes * k at scale step / k (as tune() does for the other layers): the
+        # accumulator unit is k times finer. The layer has no bias to place, but its output is
+        # rounded onto an 8-bit grid, and TFLite's built-in kernels round twice (gemmlowp, see
+        # gain_codes): each threshold moves by up to one accumulator unit, which catches a
+        # reachable accumulator value about once in k thresholds. With k = 1 (the trained codes)
+        # that moved 5-13% of the pooled 8-bit codes of a w4a4 densenet21 on tflite-runtime 2.14.
+        k = self.code_multiplier  # set by pooled_multiplier()
+        step = step / k
+        codes = codes * k
         values = (codes.astype(np.float64) * step).astype(np.float32)
         limit = np.float32(_WEIGHT_CODE_MAX * step)
         w = fake_quant(tf.constant(values), -limit, limit, narrow_range=True)
@@ -342,80 +366,97 @@ class ChannelAffine:
 
     The chain maps each integer input code ``X`` of channel ``c`` to
     ``clip(round(g_c * X + h_c))``: a 1x1 DEPTHWISE_CONV_2D whose weight is
-    the code +-127 with the per-channel scale ``|gain_c| / 127`` (the runtime
-    then applies the gain as a 32-bit fixed-point or float multiplier) and
-    whose int32 bias is chosen so the op returns, for every one of the 256
-    input codes, the code the float model returns.
+    the code ``+-w_c`` with the per-channel scale ``|gain_c| / w_c`` (the
+    runtime then applies the gain as a 32-bit fixed-point or float
+    multiplier) and whose int32 bias is chosen so the op returns, for every
+    one of the 256 input codes, the code the Keras model returns: first on
+    XNNPACK (float32 rescale, one rounding), then on TFLite's built-in
+    kernels (gemmlowp, two roundings where the multiplier is below 0.5),
+    both computed here as the runtimes do. ``w_c`` is 127 (the finest bias
+    grid) unless a smaller code makes the multiplier ``>= 0.5`` (one
+    rounding on every runtime, :func:`tfqkd.quant.layers.gain_codes`): for a
+    requantization always, for an :class:`IntegerBatchNormalization` where
+    the layer says so (its offset is on the same grid).
 
     Args:
       gain, offset: per-channel ``y = gain * x + offset`` in real units.
       input_grid, output_grid: the :class:`Grid` of the input tensor and of
         the output quantizer.
       relu: a ReLU sits between the affine map and the output quantizer.
+      codes: per-channel weight codes ``w_c`` (default 127).
     """
 
-    def __init__(self, gain, offset, input_grid, output_grid, relu=True):
+    def __init__(self, gain, offset, input_grid, output_grid, relu=True, codes=None):
         self.gain = np.asarray(gain, np.float64)
         self.offset = np.asarray(offset, np.float64)
         self.relu = relu
         self.input_grid, self.output_grid = input_grid, output_grid
         magnitude = np.maximum(np.abs(self.gain), 1e-12).astype(np.float32)
         self.magnitude = magnitude
-        self.weight_scale = (magnitude.astype(np.float64) / _WEIGHT_CODE_MAX).astype(np.float32)
+        self.codes = np.full(len(self.gain), float(_WEIGHT_CODE_MAX)) if codes is None else np.asarray(codes, np.float64)
+        self.weight_scale = (magnitude.astype(np.float64) / self.codes).astype(np.float32)
         self.bias = self._exact_bias()
 
     @classmethod
     def batchnorm(cls, bn, channels, input_grid, output_grid):
         """BN -> ReLU -> quantizer on an exact int8 input."""
-        return cls(*bn_affine(bn, channels), input_grid, output_grid, relu=True)
+        return cls(*bn_affine(bn, channels), input_grid, output_grid, relu=True, codes=bn_gain_codes(bn))
 
     @classmethod
     def requantization(cls, channels, input_grid, output_grid):
         """The identity from ``input_grid`` onto ``output_grid`` (round to nearest)."""
-        return cls(np.ones(channels), np.zeros(channels), input_grid, output_grid, relu=False)
+        ratio = np.full(channels, _file_scale(input_grid) / _file_scale(output_grid))
+        return cls(np.ones(channels), np.zeros(channels), input_grid, output_grid, relu=False, codes=gain_codes(ratio))
+
+    def _targets(self, x_codes):
+        """``(channels, 256)``: the output code the Keras model gives each input code, in float32 as it computes."""
+        x_grid, y_grid = self.input_grid, self.output_grid
+        x_real = x_codes.astype(np.float32) * np.float32(x_grid.scale)  # the input quantizer's output
+        step = np.float32(y_grid.scale)
+        if self.relu:
+            gain, offset = self.gain.astype(np.float32)[:, None], self.offset.astype(np.float32)[:, None]
+            y = np.maximum(x_real[None, :] * gain + offset, np.float32(0))
+        else:  # a requantization: the Keras quantizer divides in float32, near-ties included
+            y = np.broadcast_to(x_real[None, :], (len(self.gain), len(x_real)))
+        return np.rint(y / step).astype(np.float64)
 
     def _exact_bias(self):
         x_grid, y_grid = self.input_grid, self.output_grid
-        low, high, x_zero = x_grid.int8_window()
-        # Real input of every int8 code, and the code the float model gives it.
-        codes = np.arange(-128, 128, dtype=np.float64)
-        x_real = (codes - x_zero) * np.float32(x_grid.scale)
-        y_low, y_high, y_zero = y_grid.int8_window()
+        _, _, x_zero = x_grid.int8_window()
+        codes = np.arange(-128, 128, dtype=np.int64)  # every int8 input value
+        y_low, y_high, _ = y_grid.int8_window()
         # The int8 output window; the ReLU (if any) and the quantizer's own clip are applied on top of it.
         lo_code = max(y_grid.qmin - y_grid.zero, y_low, 0 if self.relu else y_low)
         hi_code = min(y_grid.qmax - y_grid.zero, y_high)
-        unit = np.float64(np.float32(x_grid.scale)) * self.weight_scale.astype(np.float64)  # bias int32 step
-        multiplier = unit * _WEIGHT_CODE_MAX / np.float64(np.float32(y_grid.scale))  # per accumulator unit
-        sign = np.where(self.gain < 0, -1.0, 1.0)
+        target = np.clip(self._targets(codes - x_zero), lo_code, hi_code)
+        file_x, file_y = _file_scale(x_grid), _file_scale(y_grid)
+        weight_scale = self.weight_scale.astype(np.float64)
+        unit = file_x * weight_scale  # the real value of one int32 accumulator unit
+        sign = np.where(self.gain < 0, -1, 1)
+        ideal = self.offset / unit
+        candidates = np.rint(ideal)[:, None] + _BIAS_SEARCH[None, :]  # (channels, candidates)
         bias = np.empty(len(self.gain))
+        self.missed = np.zeros((len(self.gain), 2), np.int64)  # input codes off per channel: (XNNPACK, built-ins)
         for c in range(len(self.gain)):
-            if self.relu:
-                y = (self.gain[c] * x_real + self.offset[c]) / y_grid.scale
-            else:  # a requantization: the Keras quantizer divides in float32, near-ties included
-                y = x_real.astype(np.float32) / np.float32(y_grid.scale)
-            target = np.clip(np.rint(y), lo_code, hi_code)
-            acc = sign[c] * _WEIGHT_CODE_MAX * (codes - x_zero)  # integer accumulator without the bias
-            # round(m * (acc + B)) == target, with the clipped ends one-sided.
-            m = multiplier[c] / _WEIGHT_CODE_MAX
-            lower = np.where(target > lo_code, (target - 0.5) / m - acc, -np.inf)
-            upper = np.where(target < hi_code, (target + 0.5) / m - acc, np.inf)
-            # The integer bias closest to the ideal offset among those that get the most codes
-            # right: all 256 when the int32 bias step is fine enough (4-bit outputs); an 8-bit
-            # output can need a finer step than int8 weights allow, and then a few codes are one off.
-            ideal = self.offset[c] / unit[c]
-            candidates = np.rint(ideal) + _BIAS_SEARCH
-            too_low = candidates[:, None] <= lower[None] + 1e-6
-            too_high = candidates[:, None] >= upper[None] - 1e-6
-            wrong = np.sum(too_low | too_high, axis=1)
-            best = np.flatnonzero(wrong == wrong.min())
-            bias[c] = candidates[best[np.argmin(np.abs(candidates[best] - ideal))]] * unit[c]
+            acc = (sign[c] * int(self.codes[c]) * (codes - x_zero))[None, :] + candidates[c].astype(np.int64)[:, None]
+            xnn = np.clip(_xnnpack_requantize(acc, file_x, weight_scale[c], file_y), lo_code, hi_code)
+            gem = np.clip(_builtin_requantize(acc, file_x * weight_scale[c] / file_y), lo_code, hi_code)
+            wrong = np.stack([np.sum(xnn != target[c], axis=1), np.sum(gem != target[c], axis=1)])
+            # XNNPACK first (LiteRT's default), then the built-in kernels, then the bias closest to the offset.
+            score = wrong[0] * (len(codes) + 1) + wrong[1]
+            best = np.flatnonzero(score == score.min())
+            pick = best[np.argmin(np.abs(candidates[c, best] - ideal[c]))]
+            bias[c] = candidates[c, pick] * unit[c]
+            self.missed[c] = wrong[:, pick]
         return bias.astype(np.float32)
 
     def __call__(self, x):
         channels = len(self.gain)
         values = np.where(self.gain < 0, -self.magnitude, self.magnitude).astype(np.float32).reshape(1, 1, 1, channels)
+        # Narrow-range per-channel fake quant over +-127 weight steps: the gain is stored as the code w_c.
+        limit = (_WEIGHT_CODE_MAX * self.weight_scale.astype(np.float64)).astype(np.float32)
         w = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            tf.constant(values), min=-self.magnitude, max=self.magnitude, num_bits=8, narrow_range=True
+            tf.constant(values), min=-limit, max=limit, num_bits=8, narrow_range=True
         )
         w = tf.reshape(w, (1, 1, channels, 1))
         y = tf.nn.depthwise_conv2d(x, w, strides=(1, 1, 1, 1), padding="VALID")
@@ -424,6 +465,95 @@ class ChannelAffine:
             return y  # the ReLU and the quantizer that follow pin the output grid
         low, high = ActivationPoint(self.output_grid).window
         return fake_quant(y, low, high)
+
+
+class GlobalMean:
+    """A global average pool between two exact int8 grids as one DEPTHWISE_CONV_2D over the whole window.
+
+    The converter's MEAN computes, on TFLite's built-in kernels, the sum of the int8 values
+    times one 32-bit multiplier with the zero points folded in separately; on a w8a8
+    densenet21 it moved 22% of the 8-bit codes after the head's pool (1.3% at w4a4, 4-bit
+    codes). Here each channel's window is summed by a depthwise conv with one weight code
+    ``w`` at scale ``1 / (area * w)`` (``w`` as :func:`~tfqkd.quant.layers.gain_codes` chooses
+    it for a multiplier ``s_in / (area * s_out)``), and its int32 bias is chosen so that every
+    reachable window sum lands on the Keras model's code, on XNNPACK first, then on the
+    built-in kernels (both computed here as the runtimes do).
+
+    Args:
+      size: the pooled window ``(height, width)`` (the whole feature map).
+      input_grid, output_grid: the :class:`Grid` of the pooled tensor and of the quantizer after the pool.
+    """
+
+    def __init__(self, size, input_grid, output_grid):
+        self.size = tuple(int(v) for v in size)
+        self.input_grid, self.output_grid = input_grid, output_grid
+        area = int(np.prod(self.size))
+        file_x, file_y = _file_scale(input_grid), _file_scale(output_grid)
+        self.code = int(gain_codes(np.array([file_x / (area * file_y)]))[0])
+        self.weight_scale = np.float32(1.0 / (area * self.code))
+        unit = file_x * np.float64(self.weight_scale)
+        # Every reachable window sum of the input's trained (shifted) codes.
+        sums = np.arange(area * (input_grid.qmin - input_grid.zero), area * (input_grid.qmax - input_grid.zero) + 1)
+        exact = sums * np.float64(input_grid.scale) / (area * np.float64(output_grid.scale))
+        # Sums within float32 error of a rounding threshold: the Keras model's float mean may round either way.
+        care = np.abs(np.abs(exact - np.floor(exact)) - 0.5) > 1e-5 * np.maximum(1.0, np.abs(exact))
+        y_low, y_high, _ = output_grid.int8_window()
+        lo_code, hi_code = max(output_grid.qmin - output_grid.zero, y_low), min(output_grid.qmax - output_grid.zero, y_high)
+        target = np.clip(np.rint(exact), lo_code, hi_code)
+        # The Keras model adds no offset: biases within one reachable step (the code) of 0 are enough.
+        candidates = np.arange(-self.code - 2, self.code + 3, dtype=np.int64)
+        wrong = np.zeros((2, len(candidates)), np.int64)
+        for start in range(0, len(candidates), 16):  # bounded memory for large windows
+            acc = self.code * sums[None, :].astype(np.int64) + candidates[start : start + 16, None]
+            xnn = np.clip(_xnnpack_requantize(acc, file_x, self.weight_scale, file_y), lo_code, hi_code)
+            gem = np.clip(_builtin_requantize(acc, file_x * np.float64(self.weight_scale) / file_y), lo_code, hi_code)
+            wrong[0, start : start + 16] = np.sum((xnn != target) & care, axis=1)
+            wrong[1, start : start + 16] = np.sum((gem != target) & care, axis=1)
+        score = wrong[0] * (len(sums) + 1) + wrong[1]
+        best = np.flatnonzero(score == score.min())
+        pick = best[np.argmin(np.abs(candidates[best]))]
+        self.missed = (int(wrong[0, pick]), int(wrong[1, pick]))  # reachable sums off (XNNPACK, built-ins)
+        self.bias_units = int(candidates[pick])
+        self.bias = np.float32(self.bias_units * unit)
+
+    def __call__(self, x):
+        channels = int(x.shape[-1])
+        value = np.float32(self.code * np.float64(self.weight_scale))
+        limit = np.float32(_WEIGHT_CODE_MAX * np.float64(self.weight_scale))
+        w = fake_quant(tf.constant(np.full((*self.size, channels, 1), value, np.float32)), -limit, limit, narrow_range=True)
+        y = tf.nn.depthwise_conv2d(x, w, strides=(1, 1, 1, 1), padding="VALID")
+        y = tf.nn.bias_add(y, tf.constant(np.full(channels, self.bias, np.float32)))
+        y = fake_quant(y, *ActivationPoint(self.output_grid).window)
+        return tf.reshape(y, (-1, channels))
+
+
+def _xnnpack_requantize(acc, input_scale, weight_scale, output_scale):
+    """XNNPACK's int8 rescale of int32 accumulators: float32 product with a float32 scale, rounded to nearest even."""
+    scale = np.float32(np.float32(np.float32(input_scale) * np.float32(weight_scale)) / np.float32(output_scale))
+    return np.rint(acc.astype(np.float32) * scale).astype(np.int64)
+
+
+def _builtin_requantize(acc, multiplier):
+    """TFLite's built-in kernels' rescale (``MultiplyByQuantizedMultiplier``) of int64 ``acc`` by a float64 ``multiplier``.
+
+    ``QuantizeMultiplier`` writes ``multiplier = q * 2**shift`` with a 31-bit ``q``; gemmlowp's
+    ``SaturatingRoundingDoublingHighMul`` rounds ``acc * 2**max(shift, 0) * q / 2**31`` (ties
+    up), then ``RoundingDivideByPOT`` divides by ``2**-shift`` for a negative shift, rounding
+    again (ties away from zero).
+    """
+    mantissa, shift = np.frexp(np.float64(multiplier))
+    q = int(np.floor(mantissa * 2.0**31 + 0.5))
+    if q == 2**31:
+        q, shift = q // 2, shift + 1
+    if shift < -31:
+        return np.zeros_like(acc)
+    x = acc * (1 << max(int(shift), 0)) * q
+    nudged = x + np.where(x >= 0, 1 << 30, 1 - (1 << 30))
+    high = np.where(nudged >= 0, nudged >> 31, -((-nudged) >> 31))  # C++ division: toward zero
+    right = max(-int(shift), 0)
+    mask = (1 << right) - 1
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + ((high & mask) > threshold)
 
 
 def _accumulator_unit(k, input_grid, channel_scale):
@@ -561,6 +691,14 @@ def bn_affine(bn, channels):
     gamma, beta, mean, var = _bn_parameters(bn, channels)
     gain = gamma / np.sqrt(var + bn.epsilon)
     return gain, beta - mean * gain
+
+
+def bn_gain_codes(bn):
+    """The per-channel weight codes of an :class:`IntegerBatchNormalization`'s gain in the file (None: 127 each)."""
+    step = bn.input_step() if isinstance(bn, IntegerBatchNormalization) else None
+    if step is None:
+        return None
+    return np.asarray(bn.gain_codes(step).numpy(), np.float64)
 
 
 def channels_last(bn):

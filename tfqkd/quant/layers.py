@@ -17,6 +17,8 @@ things QKeras 0.9 lacks for trainable quantizers:
 
 import contextlib
 
+import numpy as np
+
 import qkeras
 
 from tfqkd.compat import keras, tf
@@ -223,8 +225,50 @@ class QActivation(qkeras.QActivation):
         return config
 
 
-#: Largest int8 weight code: :class:`IntegerBatchNormalization` puts its gain on code 127.
+#: Largest int8 weight code: :class:`IntegerBatchNormalization` puts its gain on code 127 unless a smaller one
+#: gives the int8 file one rounding (see :func:`gain_codes`).
 _GAIN_CODE = 127
+#: Relative margin keeping a requantization multiplier of 0.5 above 0.5 whatever float32 rounding the runtime does.
+_SINGLE_ROUNDING_MARGIN = 1e-5
+
+
+def gain_codes(ratio):
+    """Per channel, the int8 weight code that stores a gain whose requantization multiplier is ``ratio`` at code 1.
+
+    ``ratio`` is ``input step * |gain| / output step``; with the gain stored as
+    code ``w`` the runtime multiplies the int32 accumulator by ``M = ratio / w``.
+    TFLite's built-in kernels requantize as gemmlowp does: ``M = m * 2**e`` with
+    ``m`` in [0.5, 1), one rounding of ``acc * m``, then for ``e < 0`` a second
+    rounding of the division by ``2**-e``, which moves each rounding threshold
+    of the output by up to one accumulator unit; XNNPACK rounds once. No int32
+    bias serves both for an 8-bit output. With ``w <= 2 * ratio``, ``M >= 0.5``,
+    ``e >= 0`` and both runtimes round once: the largest such ``w`` (at most
+    127, the finest bias grid) where ``ratio >= 0.5``; 127 (two roundings on the
+    built-in kernels) where not. Works on numpy arrays and on tensors alike.
+    """
+    codes = ratio * (2.0 * (1.0 - _SINGLE_ROUNDING_MARGIN))
+    if tf.is_tensor(codes):
+        codes = tf.floor(codes)
+        return tf.where(codes >= 1.0, tf.minimum(codes, float(_GAIN_CODE)), float(_GAIN_CODE))
+    codes = np.floor(codes)
+    return np.where(codes >= 1.0, np.minimum(codes, float(_GAIN_CODE)), float(_GAIN_CODE))
+
+
+def _learned_output_step(layer):
+    """The step tensor of the learned-step QActivation that reads ``layer``'s output through one plain ReLU, or None."""
+    users = [node.layer for node in getattr(layer, "_outbound_nodes", [])]
+    if len(users) != 1 or type(users[0]).__name__ != "ReLU":
+        return None
+    relu = users[0]
+    if getattr(relu, "max_value", None) or getattr(relu, "negative_slope", 0) or getattr(relu, "threshold", 0):
+        return None
+    users = [node.layer for node in getattr(relu, "_outbound_nodes", [])]
+    if len(users) != 1 or not isinstance(users[0], QActivation):
+        return None
+    quantizer = users[0].quantizer
+    if not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
+        return None
+    return quantizer.step
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="IntegerBatchNormalization")
@@ -233,14 +277,23 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
 
     Its input is an activation quantizer's output ``X * s`` (integer codes
     ``X``). The int8 file computes the inference BN ``gain * x + offset`` as a
-    1x1 depthwise convolution: weight code 127 at the per-channel scale
-    ``|gain| / 127``, so its int32 bias can only add multiples of
-    ``s * |gain| / 127`` (1/127 of an input code, times the gain). A float
+    1x1 depthwise convolution: weight code ``w`` at the per-channel scale
+    ``|gain| / w``, so its int32 bias can only add multiples of
+    ``s * |gain| / w`` (1/w of an input code, times the gain). A float
     offset between two of those moves some of the 256 input codes to a
     neighbouring output code, which the layers after it amplify. At inference
-    this layer therefore rounds the offset onto that grid (at most half a unit,
-    ``s * |gain| / 254``, away); training (batch statistics) is BatchNormalization's.
-    Without a learned-step quantizer in front of it, it is BatchNormalization.
+    this layer therefore rounds the offset onto that grid (at most half a unit
+    away); training (batch statistics) is BatchNormalization's.
+
+    ``w`` is 127 (the finest grid), except where the BN feeds a ReLU and a
+    learned-step quantizer and ``s * |gain| / output step >= 0.5``: then ``w``
+    is the largest code that keeps the runtime's multiplier ``>= 0.5``
+    (:func:`gain_codes`), so TFLite's built-in kernels round once, as XNNPACK
+    does, and one int32 bias gives every input code the Keras model's output
+    code on both (with 127, their second rounding moved 0.3% of the 8-bit BN
+    outputs of a small pre-activation DenseNet, tests/test_int8_fidelity.py).
+    The offset moves by less than half an output step. Without a
+    learned-step quantizer in front of it, it is BatchNormalization.
     """
 
     def build(self, input_shape):
@@ -253,13 +306,29 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
         """The step tensor of the learned-step quantizer whose output this layer normalizes, or None."""
         return _learned_input_step(self)
 
+    def output_step(self):
+        """The step tensor of the learned-step quantizer after this layer's ReLU, or None."""
+        return _learned_output_step(self)
+
+    def _gain(self):
+        gamma = self.gamma if self.gamma is not None else tf.ones_like(self.moving_mean)
+        return tf.cast(gamma, tf.float32) * tf.math.rsqrt(tf.cast(self.moving_variance, tf.float32) + self.epsilon)
+
+    def gain_codes(self, step):
+        """Per channel, the int8 weight code of the gain in the file (float32 tensor; see :func:`gain_codes`)."""
+        gain = self._gain()
+        out = self.output_step()
+        if out is None:
+            return tf.fill(tf.shape(gain), float(_GAIN_CODE))
+        ratio = tf.cast(step, tf.float32) * tf.abs(gain) / tf.cast(out, tf.float32)
+        return gain_codes(ratio)
+
     def integer_affine(self, step):
         """``(gain, offset)``: the inference map with the offset on the int32 bias grid of the int8 file."""
-        gamma = self.gamma if self.gamma is not None else tf.ones_like(self.moving_mean)
         beta = self.beta if self.beta is not None else tf.zeros_like(self.moving_mean)
-        gain = tf.cast(gamma, tf.float32) * tf.math.rsqrt(tf.cast(self.moving_variance, tf.float32) + self.epsilon)
+        gain = self._gain()
         offset = tf.cast(beta, tf.float32) - tf.cast(self.moving_mean, tf.float32) * gain
-        unit = tf.cast(step, tf.float32) * tf.abs(gain) / _GAIN_CODE
+        unit = tf.cast(step, tf.float32) * tf.abs(gain) / self.gain_codes(step)
         safe = tf.where(unit > 0, unit, tf.ones_like(unit))
         return gain, tf.where(unit > 0, tf.round(offset / safe) * safe, offset)
 
