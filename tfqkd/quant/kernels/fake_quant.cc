@@ -51,42 +51,48 @@ inline float Clip(float v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-// The step (input 1, one value), or false with the context's status set.
-bool ReadStep(OpKernelContext* context, float* step) {
-  const Tensor& tensor = context->input(1);
+// Reads input `index`, which must hold one float.
+bool ReadScalar(OpKernelContext* context, int index, float* value) {
+  const Tensor& tensor = context->input(index);
   if (tensor.NumElements() != 1) {
-    context->CtxFailure(absl::InvalidArgumentError("the step must hold one value"));
+    context->CtxFailure(absl::InvalidArgumentError("a scale input must hold one value"));
     return false;
   }
-  *step = tensor.flat<float>()(0);
+  *value = tensor.flat<float>()(0);
   return true;
 }
 
-class FakeQuantOp : public OpKernel {
+// y[i] = body(x[i], u[i]) for every element, in parallel (u: x itself when absent). The output reuses
+// input `reuse` when nothing else holds it. The body sees values, not pointers, and is copied into
+// each shard: its captured scalars stay in registers and the loop vectorizes.
+template <typename Body>
+void ElementWise(OpKernelContext* context, int reuse, const Tensor& input, const Tensor* other, Body body) {
+  Tensor* output = nullptr;
+  OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({reuse}, 0, input.shape(), &output));
+  const float* x = input.flat<float>().data();
+  const float* u = other != nullptr ? other->flat<float>().data() : x;
+  float* y = output->flat<float>().data();
+  context->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+      input.NumElements(), 8, [=](int64_t begin, int64_t end) {
+        const Body f = body;
+        for (int64_t i = begin; i < end; ++i) y[i] = f(x[i], u[i]);
+      });
+}
+
+class LearnedStepFakeQuantOp : public OpKernel {
  public:
-  explicit FakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit LearnedStepFakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
     OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
   }
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& input = context->input(0);
     float step;
-    if (!ReadStep(context, &step)) return;
-    Tensor* output = nullptr;
-    // Reuses x's buffer when nothing else holds it (inference); in training the gradient keeps x.
-    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
-    const float* x = input.flat<float>().data();
-    float* y = output->flat<float>().data();
+    if (!ReadScalar(context, 1, &step)) return;
     const float qmin = qmin_, qmax = qmax_;
-    auto work = [=](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float v = x[i] / step;
-        v = Clip(v, qmin, qmax);
-        y[i] = std::nearbyint(v) * step;
-      }
-    };
-    context->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(input.NumElements(), 8, work);
+    // In training the gradient keeps x, so the output gets its own buffer.
+    ElementWise(context, 0, context->input(0), nullptr,
+                [=](float x, float) { return std::nearbyint(Clip(x / step, qmin, qmax)) * step; });
   }
 
  private:
@@ -147,9 +153,9 @@ void GradBlock(const float* u, const float* x, float* gx, int64_t n, float step,
   }
 }
 
-class FakeQuantGradOp : public OpKernel {
+class LearnedStepFakeQuantGradOp : public OpKernel {
  public:
-  explicit FakeQuantGradOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit LearnedStepFakeQuantGradOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
     OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
     OP_REQUIRES_OK(context, context->GetAttr("grad_scale", &grad_scale_));
@@ -161,7 +167,7 @@ class FakeQuantGradOp : public OpKernel {
     OP_REQUIRES(context, upstream.shape() == input.shape(),
                 absl::InvalidArgumentError("upstream gradient and input differ in shape"));
     float step;
-    if (!ReadStep(context, &step)) return;
+    if (!ReadScalar(context, 1, &step)) return;
     Tensor* grad_input = nullptr;
     Tensor* grad_step = nullptr;
     // In place of the upstream gradient, which nothing reads after this op: one buffer less to fill.
@@ -195,34 +201,6 @@ class FakeQuantGradOp : public OpKernel {
  private:
   float qmin_, qmax_, grad_scale_;
 };
-
-// Reads input `index`, which must hold one float.
-bool ReadScalar(OpKernelContext* context, int index, float* value) {
-  const Tensor& tensor = context->input(index);
-  if (tensor.NumElements() != 1) {
-    context->CtxFailure(absl::InvalidArgumentError("a scale input must hold one value"));
-    return false;
-  }
-  *value = tensor.flat<float>()(0);
-  return true;
-}
-
-// y[i] = body(x[i], u[i]) for every element, in parallel (u: x itself when absent). The output reuses
-// input `reuse` when nothing else holds it. The body sees values, not pointers, and is copied into
-// each shard: its captured scalars stay in registers and the loop vectorizes.
-template <typename Body>
-void ElementWise(OpKernelContext* context, int reuse, const Tensor& input, const Tensor* other, Body body) {
-  Tensor* output = nullptr;
-  OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({reuse}, 0, input.shape(), &output));
-  const float* x = input.flat<float>().data();
-  const float* u = other != nullptr ? other->flat<float>().data() : x;
-  float* y = output->flat<float>().data();
-  context->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      input.NumElements(), 8, [=](int64_t begin, int64_t end) {
-        const Body f = body;
-        for (int64_t i = begin; i < end; ++i) y[i] = f(x[i], u[i]);
-      });
-}
 
 class AffineFakeQuantOp : public OpKernel {
  public:
@@ -403,8 +381,8 @@ REGISTER_OP("TfqkdLearnedStepFakeQuantGrad")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("TfqkdLearnedStepFakeQuant").Device(DEVICE_CPU), FakeQuantOp);
-REGISTER_KERNEL_BUILDER(Name("TfqkdLearnedStepFakeQuantGrad").Device(DEVICE_CPU), FakeQuantGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfqkdLearnedStepFakeQuant").Device(DEVICE_CPU), LearnedStepFakeQuantOp);
+REGISTER_KERNEL_BUILDER(Name("TfqkdLearnedStepFakeQuantGrad").Device(DEVICE_CPU), LearnedStepFakeQuantGradOp);
 
 REGISTER_OP("TfqkdAffineFakeQuant")
     .Input("x: float")
