@@ -95,7 +95,10 @@ def _load():
                 ops = tf.load_op_library(str(_build(compiler)))
             except tf.errors.OpError:  # a cached file that does not load (damaged, other libc): built afresh once
                 ops = tf.load_op_library(str(_build(compiler, rebuild=True)))
-            tf.no_gradient("TfqkdRange")  # running statistics: no gradient flows through them
+            try:
+                tf.no_gradient("TfqkdRange")  # running statistics: no gradient flows through them
+            except KeyError:
+                pass  # registered by an earlier load in this process
             return ops
         except subprocess.CalledProcessError as err:
             errors = [line for line in (err.stderr or "").splitlines() if "error" in line]
@@ -104,7 +107,7 @@ def _load():
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     warnings.warn(
         f"tfqkd: the fused quantizer kernels are unavailable ({reason}); quantized training uses "
-        "TensorFlow's ops, which are slower. Install g++ (or set CXX) to build it; TFQKD_FUSED_KERNELS=0 silences this.",
+        "TensorFlow's ops, which are slower. Install g++ (or set CXX) to build them; TFQKD_FUSED_KERNELS=0 silences this.",
         RuntimeWarning, stacklevel=3,
     )  # fmt: skip
     return None
