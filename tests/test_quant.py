@@ -201,7 +201,6 @@ def test_fused_training_kernels_compute_what_tensorflow_ops_compute(signed, bits
     """In training, activation-sized tensors take the compiled kernels: same output and input gradient bits,
     the same step gradient up to summation order, and the formula's values; in inference, TensorFlow's ops."""
     from tfqkd.quant import kernels
-    from tfqkd.quant import quantizers as Q
 
     _needs_a_compiler()
     assert kernels.fake_quant_ops() is not None
