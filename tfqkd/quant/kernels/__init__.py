@@ -39,6 +39,10 @@ _FLAGS = ["-shared", "-fPIC", "-O3", "-fno-math-errno", "-fno-trapping-math", "-
 _X86_FLAGS = ["-mavx"]
 _BUILD_SECONDS = 300
 
+# The running statistics' min/max: no gradient flows through them. Registered by op name once,
+# at import, whether or not the library ever loads.
+tf.no_gradient("TfqkdRange")
+
 _lock = threading.Lock()
 _loaded = {}
 _switched_off = threading.local()
@@ -95,10 +99,6 @@ def _load():
                 ops = tf.load_op_library(str(_build(compiler)))
             except tf.errors.OpError:  # a cached file that does not load (damaged, other libc): built afresh once
                 ops = tf.load_op_library(str(_build(compiler, rebuild=True)))
-            try:
-                tf.no_gradient("TfqkdRange")  # running statistics: no gradient flows through them
-            except KeyError:
-                pass  # registered by an earlier load in this process
             return ops
         except subprocess.CalledProcessError as err:
             errors = [line for line in (err.stderr or "").splitlines() if "error" in line]

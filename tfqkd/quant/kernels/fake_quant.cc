@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -79,12 +80,39 @@ void ElementWise(OpKernelContext* context, int reuse, const Tensor& input, const
       });
 }
 
-class LearnedStepFakeQuantOp : public OpKernel {
+// Whether the upstream gradient (input 0) has the shape of the quantized input; sets the status if not.
+bool SameShape(OpKernelContext* context, const Tensor& input) {
+  if (context->input(0).shape() == input.shape()) return true;
+  context->CtxFailure(absl::InvalidArgumentError("upstream gradient and input differ in shape"));
+  return false;
+}
+
+// An op whose attributes are the integer code range [qmin, qmax] of its quantizer.
+class CodeRangeOp : public OpKernel {
  public:
-  explicit LearnedStepFakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit CodeRangeOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
     OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
   }
+
+ protected:
+  float qmin_, qmax_;
+};
+
+// A power-of-two op: the code range and the rounding (half up, or half to even).
+class Pof2Op : public CodeRangeOp {
+ public:
+  explicit Pof2Op(OpKernelConstruction* context) : CodeRangeOp(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("half_up", &half_up_));
+  }
+
+ protected:
+  bool half_up_;
+};
+
+class LearnedStepFakeQuantOp : public CodeRangeOp {
+ public:
+  using CodeRangeOp::CodeRangeOp;
 
   void Compute(OpKernelContext* context) override {
     float step;
@@ -94,9 +122,6 @@ class LearnedStepFakeQuantOp : public OpKernel {
     ElementWise(context, 0, context->input(0), nullptr,
                 [=](float x, float) { return std::nearbyint(Clip(x / step, qmin, qmax)) * step; });
   }
-
- private:
-  float qmin_, qmax_;
 };
 
 // Eight floats as one value: GCC and Clang compile these to SIMD (AVX on x86, NEON on ARM).
@@ -153,19 +178,16 @@ void GradBlock(const float* u, const float* x, float* gx, int64_t n, float step,
   }
 }
 
-class LearnedStepFakeQuantGradOp : public OpKernel {
+class LearnedStepFakeQuantGradOp : public CodeRangeOp {
  public:
-  explicit LearnedStepFakeQuantGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
-    OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
+  explicit LearnedStepFakeQuantGradOp(OpKernelConstruction* context) : CodeRangeOp(context) {
     OP_REQUIRES_OK(context, context->GetAttr("grad_scale", &grad_scale_));
   }
 
   void Compute(OpKernelContext* context) override {
     const Tensor& upstream = context->input(0);
     const Tensor& input = context->input(2);
-    OP_REQUIRES(context, upstream.shape() == input.shape(),
-                absl::InvalidArgumentError("upstream gradient and input differ in shape"));
+    if (!SameShape(context, input)) return;
     float step;
     if (!ReadScalar(context, 1, &step)) return;
     Tensor* grad_input = nullptr;
@@ -199,15 +221,12 @@ class LearnedStepFakeQuantGradOp : public OpKernel {
   }
 
  private:
-  float qmin_, qmax_, grad_scale_;
+  float grad_scale_;
 };
 
-class AffineFakeQuantOp : public OpKernel {
+class AffineFakeQuantOp : public CodeRangeOp {
  public:
-  explicit AffineFakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
-    OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
-  }
+  using CodeRangeOp::CodeRangeOp;
 
   void Compute(OpKernelContext* context) override {
     float scale, zero_point;
@@ -218,33 +237,23 @@ class AffineFakeQuantOp : public OpKernel {
       return (codes - zero_point) * scale;
     });
   }
-
- private:
-  float qmin_, qmax_;
 };
 
-class AffineFakeQuantGradOp : public OpKernel {
+class AffineFakeQuantGradOp : public CodeRangeOp {
  public:
-  explicit AffineFakeQuantGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
-    OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
-  }
+  using CodeRangeOp::CodeRangeOp;
 
   void Compute(OpKernelContext* context) override {
     float scale, zero_point;
     if (!ReadScalar(context, 2, &scale) || !ReadScalar(context, 3, &zero_point)) return;
     const Tensor& input = context->input(1);
-    OP_REQUIRES(context, context->input(0).shape() == input.shape(),
-                absl::InvalidArgumentError("upstream gradient and input differ in shape"));
+    if (!SameShape(context, input)) return;
     const float qmin = qmin_, qmax = qmax_;
     ElementWise(context, 0, input, &context->input(0), [=](float x, float u) {
       const float codes = std::nearbyint(x / scale) + zero_point;
       return (codes >= qmin) & (codes <= qmax) ? (u * scale) / scale : 0.0f / scale;
     });
   }
-
- private:
-  float qmin_, qmax_;
 };
 
 // The rounding is a template argument: chosen once per op, not per element, so the loops vectorize.
@@ -253,13 +262,9 @@ inline float RoundPof2(float v) {
   return kHalfUp ? std::floor(v + 0.5f) : std::nearbyint(v);
 }
 
-class Pof2FakeQuantOp : public OpKernel {
+class Pof2FakeQuantOp : public Pof2Op {
  public:
-  explicit Pof2FakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
-    OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
-    OP_REQUIRES_OK(context, context->GetAttr("half_up", &half_up_));
-  }
+  using Pof2Op::Pof2Op;
 
   void Compute(OpKernelContext* context) override {
     float up, down;
@@ -272,26 +277,17 @@ class Pof2FakeQuantOp : public OpKernel {
     };
     half_up_ ? run(std::true_type{}) : run(std::false_type{});
   }
-
- private:
-  float qmin_, qmax_;
-  bool half_up_;
 };
 
-class Pof2FakeQuantGradOp : public OpKernel {
+class Pof2FakeQuantGradOp : public Pof2Op {
  public:
-  explicit Pof2FakeQuantGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("qmin", &qmin_));
-    OP_REQUIRES_OK(context, context->GetAttr("qmax", &qmax_));
-    OP_REQUIRES_OK(context, context->GetAttr("half_up", &half_up_));
-  }
+  using Pof2Op::Pof2Op;
 
   void Compute(OpKernelContext* context) override {
     float up, down;
     if (!ReadScalar(context, 2, &up) || !ReadScalar(context, 3, &down)) return;
     const Tensor& input = context->input(1);
-    OP_REQUIRES(context, context->input(0).shape() == input.shape(),
-                absl::InvalidArgumentError("upstream gradient and input differ in shape"));
+    if (!SameShape(context, input)) return;
     const float qmin = qmin_, qmax = qmax_;
     auto run = [&](auto half_up) {
       ElementWise(context, 0, input, &context->input(0), [=](float x, float u) {
@@ -301,10 +297,6 @@ class Pof2FakeQuantGradOp : public OpKernel {
     };
     half_up_ ? run(std::true_type{}) : run(std::false_type{});
   }
-
- private:
-  float qmin_, qmax_;
-  bool half_up_;
 };
 
 // Minimum and maximum of a tensor in one pass (exact: min and max do not round), per fixed block.
@@ -355,16 +347,19 @@ class RangeOp : public OpKernel {
   }
 };
 
+// Shape function of the affine and power-of-two gradients: the gradient has the shape of x (input 1).
+absl::Status GradientOfInput1(tensorflow::shape_inference::InferenceContext* c) {
+  c->set_output(0, c->input(1));
+  return absl::OkStatus();
+}
+
 REGISTER_OP("TfqkdLearnedStepFakeQuant")
     .Input("x: float")
     .Input("step: float")
     .Output("y: float")
     .Attr("qmin: float")
     .Attr("qmax: float")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
 
 REGISTER_OP("TfqkdLearnedStepFakeQuantGrad")
     .Input("upstream: float")
@@ -391,10 +386,7 @@ REGISTER_OP("TfqkdAffineFakeQuant")
     .Output("y: float")
     .Attr("qmin: float")
     .Attr("qmax: float")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
 
 REGISTER_OP("TfqkdAffineFakeQuantGrad")
     .Input("upstream: float")
@@ -404,10 +396,7 @@ REGISTER_OP("TfqkdAffineFakeQuantGrad")
     .Output("grad_x: float")
     .Attr("qmin: float")
     .Attr("qmax: float")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(1));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(GradientOfInput1);
 
 REGISTER_OP("TfqkdPof2FakeQuant")
     .Input("x: float")
@@ -417,10 +406,7 @@ REGISTER_OP("TfqkdPof2FakeQuant")
     .Attr("qmin: float")
     .Attr("qmax: float")
     .Attr("half_up: bool")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
 
 REGISTER_OP("TfqkdPof2FakeQuantGrad")
     .Input("upstream: float")
@@ -431,10 +417,7 @@ REGISTER_OP("TfqkdPof2FakeQuantGrad")
     .Attr("qmin: float")
     .Attr("qmax: float")
     .Attr("half_up: bool")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(1));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(GradientOfInput1);
 
 REGISTER_OP("TfqkdRange")
     .Input("x: float")
