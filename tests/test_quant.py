@@ -12,6 +12,7 @@ import pytest
 import qkeras  # after tfqkd (conftest), which selects Keras 2
 
 import tfqkd
+import tfqkd.io
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
 from tfqkd.quant import (
@@ -784,3 +785,96 @@ def test_quantizing_adds_no_parameters_by_either_count(name):
     assert count_params(quantized) == count_params(float_model) + state  # every weight, steps included
     assert count_parameters(quantized) == count_parameters(float_model) == count_params(float_model)
     assert count_params(quantized, exclude_suffixes=tfqkd.quant.quantizers.quantizer_state_suffixes()) == count_params(float_model)
+
+
+def _odd_over_power_of_two(ratio):
+    """``(k, j)`` with ``ratio == k / 2**j``, ``k`` odd (to float32 precision), or None."""
+    for j in range(12):
+        k = ratio * 2**j
+        if abs(k - round(k)) < 1e-4 * k and round(k) % 2 == 1:
+            return round(k), j
+    return None
+
+
+def test_midway_step_divides_the_span_into_an_odd_number_over_a_power_of_two():
+    from tfqkd.quant.quantizers import midway_log_step
+
+    rng = np.random.default_rng(3)
+    log_step = rng.uniform(-9, 0, 2000).astype("float32")
+    log_span = (log_step + rng.uniform(-4, 9, 2000)).astype("float32")  # ratios 0.02 to 8000
+    snapped = midway_log_step(tf.constant(log_step), tf.constant(log_span)).numpy()
+    ratios = np.exp(log_span.astype(np.float64) - snapped)
+    found = [_odd_over_power_of_two(r) for r in ratios]
+    assert all(f is not None for f in found)
+    k, j = np.array(found).T
+    assert np.all(k >= 9) and np.all((j == 0) | (k <= 17))  # at least 8 steps, small ratios over 2**j
+    assert np.max(np.abs(np.exp(snapped - log_step) - 1)) <= 1 / 8 + 1e-6  # the step moves by at most 1/8
+    again = midway_log_step(tf.constant(snapped), tf.constant(log_span)).numpy()
+    np.testing.assert_allclose(again, snapped, atol=1e-6)  # a snapped step stays
+
+
+def test_integer_intermediate_convs_round_no_sum_near_a_threshold(tmp_path):
+    """``integer_intermediates``: each conv's learned kernel step keeps ``area * s_out / (s_in * s_w)``
+    an odd number over a power of two (``midway_log_step``), so no integer sum is within float noise of
+    a rounding threshold of the grid it is rounded onto (directly, through a concat or an average pool)."""
+    from test_export_tflite import _small_densenet
+
+    from tfqkd.quant.layers import QConv2D
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 64)
+    model = quantize(_small_densenet(), "w4a4", x[:32], integer_intermediates=True)
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # steps move; the relation holds
+
+    def steps_of(m):
+        def step(name):
+            return float(m.get_layer(name).quantizer.step.numpy()[0])
+
+        out = {}
+        for name, source, target, area in (("stem_conv", "stem_conv_qin", "stem_conv_q8", 1),
+                                           ("l1_conv1", "l1_conv1_qin", "l1_conv1_q8", 1),
+                                           ("l1_conv2", "l1_conv2_qin", "l1_concat_q8", 1),
+                                           ("t_conv", "t_conv_qin", "t_pool_q8", 4)):  # fmt: skip
+            s_w = float(m.get_layer(name).kernel_quantizer_internal.step.numpy()[0])
+            out[name] = (area * step(target) / (step(source) * s_w), step(source), s_w, step(target))
+        return out
+
+    steps = steps_of(model)
+    for name, (ratio, *_) in steps.items():
+        assert _odd_over_power_of_two(ratio) is not None, (name, ratio)
+    raw = np.exp(model.get_layer("l1_conv1").kernel_quantizer_internal.log_step.numpy()[0])
+    assert raw != pytest.approx(steps["l1_conv1"][2], rel=1e-6)  # the trained value is kept, the snapped one used
+    # A tf.function computes the step eager execution does, to the bit (in float32, Grappler's
+    # log1p rewrite moved it by 1e-6, and with it weight codes of predict()).
+    for name in steps:
+        quantizer = model.get_layer(name).kernel_quantizer_internal
+        assert tf.function(lambda q=quantizer: q.step)().numpy()[0] == quantizer.step.numpy()[0], name
+    # The Keras model's conv sums, in output steps, keep 1 / (2k) from every threshold (eager and predict()).
+    names = ("l1_conv1", "stem_conv", "l1_conv2")
+    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
+    for values in (probe(x, training=False), probe.predict(x, batch_size=32, verbose=0)):
+        for value, name in zip(values, names):
+            ratio, _, _, s_out = steps[name]
+            k, _ = _odd_over_power_of_two(ratio)
+            distance = np.abs((np.asarray(value, np.float64) / s_out) % 1.0 - 0.5)
+            assert distance.min() >= 0.5 / k - 1e-4, (name, distance.min(), k)
+    # Saved and loaded (.h5 and .keras): the same link, the same steps and logits; a copy of the
+    # quantizer rebuilt from its config (QKeras' tools, hls4ml) uses the step the layer uses.
+    for suffix in ("h5", "keras"):
+        model.save(tmp_path / f"m.{suffix}")
+        loaded = tfqkd.io.load_model(tmp_path / f"m.{suffix}")
+        np.testing.assert_allclose(list(steps_of(loaded).values()), list(steps.values()), rtol=1e-6)
+        np.testing.assert_array_equal(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0))
+    quantizer = model.get_layer("l1_conv1").kernel_quantizer_internal
+    rebuilt = tfqkd.quant.quantizers.get_quantizer(keras.utils.serialize_keras_object(quantizer))
+    kernel = model.get_layer("l1_conv1").kernel
+    np.testing.assert_array_equal(rebuilt(kernel).numpy(), quantizer(kernel, training=False).numpy())
+    # A model of tfqkd 0.4 (no flag in its config) keeps the steps it was trained with.
+    config = model.get_config()
+    for entry in config["layers"]:
+        entry["config"].pop("midway_thresholds", None)
+    old = keras.Model.from_config(config, custom_objects=custom_objects())
+    old.set_weights(model.get_weights())
+    assert float(old.get_layer("l1_conv1").kernel_quantizer_internal.step.numpy()[0]) == pytest.approx(raw, rel=1e-6)

@@ -184,6 +184,7 @@ def stock_qkeras_model(model, rename=None):
                 raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
             # Stock layers sum x * w in float (the same values up to float32 rounding).
             entry["config"].pop("integer_accumulation", None)
+            entry["config"].pop("midway_thresholds", None)  # the kernel step in use is exported
             entry.pop("module", None)
             entry.pop("registered_name", None)
             entry["class_name"] = cls  # tfqkd's layers keep QKeras' class names

@@ -16,6 +16,9 @@ things QKeras 0.9 lacks for trainable quantizers:
 """
 
 import contextlib
+import functools
+import math
+import weakref
 
 import numpy as np
 
@@ -106,15 +109,53 @@ class _WeightQuantizedMixin:
                 _build_quantizer(self, self.bias_quantizer_internal, "bias", self.bias.shape)
 
 
-def _learned_input_step(layer):
-    """The step tensor of the learned-step QActivation whose output ``layer`` reads, or None."""
+def _learned_quantizer(layer):
+    """The quantizer of ``layer`` if it is a learned-step QActivation (in the current parametrization), else None."""
+    quantizer = getattr(layer, "quantizer", None)
+    if not isinstance(layer, QActivation) or not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
+        return None
+    return quantizer
+
+
+def _learned_input_quantizer(layer):
+    """The learned-step quantizer of the QActivation whose output ``layer`` reads, or None."""
     if len(getattr(layer, "_inbound_nodes", [])) != 1:
         return None  # a shared layer reads more than one tensor
-    source = single_producer(layer)
-    quantizer = getattr(source, "quantizer", None)
-    if not isinstance(source, QActivation) or not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
+    return _learned_quantizer(single_producer(layer))
+
+
+def _single_consumer(layer):
+    """The one layer reading ``layer``'s output, or None (none yet, or several)."""
+    consumers = {id(node.layer): node.layer for node in getattr(layer, "_outbound_nodes", [])}
+    return next(iter(consumers.values())) if len(consumers) == 1 else None
+
+
+def _rounding_quantizer(layer):
+    """``(quantizer, area)``: the learned-step QActivation that rounds ``layer``'s output, straight or
+    through a Concatenate or a non-overlapping average pool of ``area`` values; or None."""
+    area, consumer = 1, _single_consumer(layer)
+    if isinstance(consumer, keras.layers.Concatenate):
+        consumer = _single_consumer(consumer)
+    elif isinstance(consumer, keras.layers.AveragePooling2D):
+        if consumer.padding != "valid" or tuple(consumer.strides) != tuple(consumer.pool_size):
+            return None
+        area, consumer = int(np.prod(consumer.pool_size)), _single_consumer(consumer)
+    quantizer = _learned_quantizer(consumer)
+    return None if quantizer is None else (quantizer, area)
+
+
+def _output_log_span(layer_ref):
+    """``log(area * s_out / s_in)`` of the weak-referenced layer's midway weight step (see
+    ``midway_log_step``), or None while its graph does not show both grids."""
+    layer = layer_ref()
+    if layer is None or layer.use_bias:
+        return None  # a float bias would move every threshold off the midpoints
+    source, rounding = _learned_input_quantizer(layer), _rounding_quantizer(layer)
+    if source is None or rounding is None:
         return None
-    return quantizer.step
+    output, area = rounding
+    log_steps = (tf.cast(q.effective_log_step(), tf.float64) for q in (output, source))
+    return math.log(area) + next(log_steps) - next(log_steps)
 
 
 class _IntegerAccumulationMixin:
@@ -130,20 +171,30 @@ class _IntegerAccumulationMixin:
 
     def _pop_integer_accumulation(self, kwargs):
         self.integer_accumulation = bool(kwargs.pop("integer_accumulation", False))
+        self.midway_thresholds = bool(kwargs.pop("midway_thresholds", False))
         return kwargs
+
+    def _link_midway_step(self):
+        """``midway_thresholds``: the learned kernel step keeps ``area * s_out / (s_in * s_w)`` an odd
+        number over a power of two, so every rounding threshold of the output grid lies midway between
+        two reachable integer sums (``midway_log_step``); the link is read from the graph when used."""
+        quantizer = self.kernel_quantizer_internal
+        if self.midway_thresholds and isinstance(quantizer, LearnedStepQuantizer) and not quantizer.power_of_two:
+            quantizer.log_span = functools.partial(_output_log_span, weakref.ref(self))
 
     def get_config(self):
         config = super().get_config()
-        if self.integer_accumulation:
-            config["integer_accumulation"] = True
+        for flag in ("integer_accumulation", "midway_thresholds"):
+            if getattr(self, flag):
+                config[flag] = True
         return config
 
     def call(self, inputs, training=None):
         steps = None
         if self.integer_accumulation and training is not True and isinstance(self.kernel_quantizer_internal, LearnedStepQuantizer):
-            input_step = _learned_input_step(self)
-            if input_step is not None:
-                steps = (input_step, self.kernel_quantizer_internal.step)
+            source = _learned_input_quantizer(self)
+            if source is not None:
+                steps = (source.step, self.kernel_quantizer_internal.step)
         if steps is None or training is None and keras.backend.learning_phase() == 1:
             return super().call(inputs)
         input_step, weight_step = (tf.cast(s[0], inputs.dtype) for s in steps)
@@ -165,6 +216,7 @@ class QConv2D(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QConv2D):
         kwargs = self._pop_integer_accumulation(kwargs)
         super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
         self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+        self._link_midway_step()
 
     def _linear(self, x, w):
         return keras.backend.conv2d(x, w, strides=self.strides, padding=self.padding, data_format=self.data_format,
@@ -190,6 +242,7 @@ class QDense(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QDense):
         kwargs = self._pop_integer_accumulation(kwargs)
         super().__init__(*args, kernel_initializer=kernel_initializer, **_resolve_quantizers(kwargs))
         self._restore_float_behaviour(kernel_initializer, kernel_constraint, bias_constraint)
+        self._link_midway_step()
 
     def _linear(self, x, w):
         return keras.backend.dot(x, w)
@@ -304,7 +357,8 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
 
     def input_step(self):
         """The step tensor of the learned-step quantizer whose output this layer normalizes, or None."""
-        return _learned_input_step(self)
+        source = _learned_input_quantizer(self)
+        return None if source is None else source.step
 
     def output_step(self):
         """The step tensor of the learned-step quantizer after this layer's ReLU, or None."""

@@ -39,6 +39,7 @@ __all__ = [
     "Pof2Quantizer",
     "TfqkdQuantizer",
     "get_quantizer",
+    "midway_log_step",
     "power_of_two_fake_quant",
     "quantizer_state_suffixes",
     "register_quantizer",
@@ -55,6 +56,8 @@ _LN2 = math.log(2.0)
 STEP_BAND = 16.0
 # Activation range assumed when no calibration data is given (BN-ReLU outputs).
 _DEFAULT_ACTIVATION_RANGE = 4.0
+#: A midway step ratio is an odd number k over a power of two, k >= this (see midway_log_step).
+_MIDWAY_MIN_RATIO = 8.0
 
 
 def validate_bits(bits, what="bits", low=1, high=16):
@@ -241,6 +244,31 @@ class TfqkdQuantizer:
 # (most weights) plain ops, which cost less than an XLA launch there.
 _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
+
+
+def midway_log_step(log_step, log_span):
+    """``log`` of the step nearest ``exp(log_step)`` that divides ``span`` into ``k / 2**j`` steps, ``k`` odd.
+
+    A conv whose integer sum ``A`` (units of ``s_in * s_w``) is rounded onto an
+    output grid ``s_out`` computes ``A / r`` output steps, ``r = span / s_w``
+    with ``span = area * s_out / s_in`` (``area``: an average pool in
+    between). With ``r = k / 2**j``, ``2**(j+1) * A`` is even and ``k * (2n+1)``
+    odd, so no reachable value comes within ``1 / (2k)`` of a rounding
+    threshold ``n + 1/2``: float32 noise (the Keras sum, XNNPACK's float
+    rescale) cannot put a code on the other side, and neither can the first of
+    TFLite's built-in kernels' two roundings once the file stores the weight
+    codes times more than ``2**(j+1)`` (``WeightedPoint.tune``). ``j`` is the
+    smallest that makes ``k >= 8``, so the step moves by at most 1/8.
+    """
+    # In float64, and log(2 * (m + 1/2)) rather than log(2m + 1): in float32, Grappler's rewrite of
+    # log(x + 1) as log1p(x) in a tf.function gave another last bit than eager execution, so
+    # predict() and the exporter read steps that differed by 1e-6 and weight codes that moved.
+    dtype = log_step.dtype
+    log_step, log_span = tf.cast(log_step, tf.float64), tf.cast(log_span, tf.float64)
+    log_ratio = log_span - log_step
+    j = tf.maximum(tf.constant(0.0, tf.float64), tf.math.ceil(math.log2(_MIDWAY_MIN_RATIO) - log_ratio / _LN2))
+    half_k = tf.floor(tf.exp(log_ratio + j * _LN2) / 2.0) + 0.5  # k / 2, k the nearest odd number
+    return tf.cast(log_span - tf.math.log(2.0 * half_k) + j * _LN2, dtype)
 
 
 def _step_fake_quant(x, step, qmin, qmax):
@@ -511,6 +539,9 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         # Objects made in code are current; only a config without the key is
         # legacy: its state is the step itself, as tfqkd 0.1 trained it.
         self.legacy_linear = False
+        # Set by a layer with ``midway_thresholds``: returns ``log(span)`` of midway_log_step, or
+        # None while the layer's graph does not say it (not serialized: the layer sets it again).
+        self.log_span = None
 
     @classmethod
     def _from_settings(cls, config):
@@ -553,14 +584,33 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         """The step in use: ``exp(log_step)``, or its nearest power of two (a tensor of shape (1,))."""
         if self.legacy_linear:
             return tf.maximum(self.log_step, 1e-8)  # the state is the step itself
-        return tf.exp(self._effective_log_step(tf.clip_by_value(self.log_step, -30.0, 30.0)))
+        return tf.exp(self.effective_log_step())
+
+    def effective_log_step(self):
+        """``log`` of :attr:`step` as the quantizer computes it (power of two, midway), not via ``log(step)``."""
+        return self._effective_log_step(tf.clip_by_value(self.log_step, -30.0, 30.0))
 
     def _effective_log_step(self, log_step):
-        if not self.power_of_two:
+        if self.power_of_two:
+            # log of the nearest power of two; straight-through, so log_step keeps learning.
+            rounded = _LN2 * tf.round(log_step / _LN2)
+            return log_step + tf.stop_gradient(rounded - log_step)
+        log_span = self.log_span() if self.log_span is not None else None
+        if log_span is None:
             return log_step
-        # log of the nearest power of two; straight-through, so log_step keeps learning.
-        rounded = _LN2 * tf.round(log_step / _LN2)
-        return log_step + tf.stop_gradient(rounded - log_step)
+        # Straight-through as well: log_step learns, the layer computes with the snapped step.
+        snapped = midway_log_step(log_step, log_span)
+        return log_step + tf.stop_gradient(snapped - log_step)
+
+    def _state_values(self):
+        state = super()._state_values()
+        if state and self.log_span is not None and not self.legacy_linear:
+            # A copy rebuilt from the config outside the layer has no span to snap to: it reads the step in use.
+            try:
+                state["log_step"] = float(self._effective_log_step(tf.convert_to_tensor(self.log_step)).numpy()[0])
+            except (AttributeError, NotImplementedError, ValueError, TypeError):
+                return {}
+        return state
 
     def assign_step(self, step):
         """Sets the step (a positive float)."""
