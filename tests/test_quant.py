@@ -789,28 +789,30 @@ def test_quantizing_adds_no_parameters_by_either_count(name):
 
 def _odd_over_power_of_two(ratio):
     """``(k, j)`` with ``ratio == k / 2**j``, ``k`` odd (to float32 precision), or None."""
-    for j in range(12):
+    for j in range(24):
         k = ratio * 2**j
         if abs(k - round(k)) < 1e-4 * k and round(k) % 2 == 1:
             return round(k), j
     return None
 
 
-def test_midway_step_divides_the_span_into_an_odd_number_over_a_power_of_two():
-    from tfqkd.quant.quantizers import midway_log_step
+@pytest.mark.parametrize("min_odd, round_down", [(8, False), (1024, False), (1024, True)])
+def test_odd_ratio_is_an_odd_number_over_a_power_of_two_near_the_ratio(min_odd, round_down):
+    from tfqkd.quant.quantizers import odd_ratio
 
     rng = np.random.default_rng(3)
-    log_step = rng.uniform(-9, 0, 2000).astype("float32")
-    log_span = (log_step + rng.uniform(-4, 9, 2000)).astype("float32")  # ratios 0.02 to 8000
-    snapped = midway_log_step(tf.constant(log_step), tf.constant(log_span)).numpy()
-    ratios = np.exp(log_span.astype(np.float64) - snapped)
-    found = [_odd_over_power_of_two(r) for r in ratios]
+    log_ratio = rng.uniform(-4, 9, 2000).astype("float32")  # ratios 0.02 to 8000
+    snapped = odd_ratio(tf.constant(log_ratio), min_odd, round_down).numpy().astype(np.float64)
+    found = [_odd_over_power_of_two(r) for r in np.exp(snapped)]
     assert all(f is not None for f in found)
     k, j = np.array(found).T
-    assert np.all(k >= 9) and np.all((j == 0) | (k <= 17))  # at least 8 steps, small ratios over 2**j
-    assert np.max(np.abs(np.exp(snapped - log_step) - 1)) <= 1 / 8 + 1e-6  # the step moves by at most 1/8
-    again = midway_log_step(tf.constant(snapped), tf.constant(log_span)).numpy()
-    np.testing.assert_allclose(again, snapped, atol=1e-6)  # a snapped step stays
+    assert np.all(k >= min_odd - 1) and np.all((j == 0) | (k <= 2 * min_odd + 1))
+    moved = np.exp(snapped - log_ratio) - 1
+    assert np.max(np.abs(moved)) <= (2 if round_down else 1) / min_odd + 1e-6
+    if round_down:
+        assert np.all(moved <= 3e-6)
+    again = odd_ratio(tf.constant(snapped.astype("float32")), min_odd, round_down).numpy()
+    np.testing.assert_allclose(again, snapped, atol=1e-6)  # a snapped ratio stays
 
 
 def test_integer_intermediate_convs_round_no_sum_near_a_threshold(tmp_path):
@@ -844,6 +846,29 @@ def test_integer_intermediate_convs_round_no_sum_near_a_threshold(tmp_path):
     steps = steps_of(model)
     for name, (ratio, *_) in steps.items():
         assert _odd_over_power_of_two(ratio) is not None, (name, ratio)
+    # A concat's grid and the other learned grid it requantizes, and each BN: one input code is
+    # 2**j / k output steps, k odd. With a file multiplier >= 0.5 (one rounding), k >= 1024; below,
+    # 2**j <= 32, which keeps the built-in kernels' first rounding off the thresholds (a BN's gain
+    # code is then 96 = 3 * 32 and its offset a multiple of 1 / k output steps).
+    def check_code_value(value, multiplier, what):
+        k, j = _odd_over_power_of_two(1 / value)  # the value 2**j / k, inverted
+        assert (k >= 1023) if multiplier >= 0.5 else (j <= 5 and k >= 63), (what, value, k, j)
+        return k
+
+    for concat, source in (("l1_concat_q8", "stem_conv_q8"), ("l2_concat_q8", "t_pool_q8")):
+        value = float(model.get_layer(source).quantizer.step.numpy()[0] / model.get_layer(concat).quantizer.step.numpy()[0])
+        check_code_value(value, value / (127 if value < 0.5 else np.floor(2 * value * (1 - 1e-5))), concat)
+    for name in ("l1_bn2", "t_bn"):
+        bn = model.get_layer(name)
+        step, s_out = bn.input_step(), bn.output_step().numpy()[0]
+        gain, offset = (t.numpy().astype(np.float64) for t in bn.integer_affine(step))
+        codes = bn.gain_codes(step).numpy()
+        values = step.numpy()[0] * np.abs(gain) / s_out
+        assert np.all((codes == 96) == (values / codes < 0.5)), name
+        for c in range(len(values)):
+            k = check_code_value(values[c], values[c] / codes[c], f"{name}[{c}]")
+            unit = 1 / k if values[c] < 0.5 else values[c] / codes[c]  # the offset grid, in output steps
+            assert abs(offset[c] / s_out / unit - round(offset[c] / s_out / unit)) < 1e-3, (name, c)
     raw = np.exp(model.get_layer("l1_conv1").kernel_quantizer_internal.log_step.numpy()[0])
     assert raw != pytest.approx(steps["l1_conv1"][2], rel=1e-6)  # the trained value is kept, the snapped one used
     # A tf.function computes the step eager execution does, to the bit (in float32, Grappler's

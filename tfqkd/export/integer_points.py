@@ -154,7 +154,9 @@ class WeightedPoint:
         self.codes, self.step = weight_codes(quantizer, weight.numpy(), layer.name)
         out_channels = self.codes.shape[-1]
         bias = np.zeros(out_channels, np.float64)
-        if layer.use_bias:
+        if layer.use_bias and hasattr(layer, "inference_bias"):
+            bias = layer.inference_bias().numpy().astype(np.float64)  # what the Keras layer adds at inference
+        elif layer.use_bias:
             bias_q = layer.bias_quantizer_internal
             b = layer.bias
             bias = (bias_q(b, training=False) if isinstance(bias_q, TfqkdQuantizer) else b).numpy().astype(np.float64)

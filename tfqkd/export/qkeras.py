@@ -173,18 +173,18 @@ def stock_qkeras_model(model, rename=None):
         layer = model.get_layer(entry["name"])
         quantizers = dict(layer_quantizers(layer))
         cls = type(layer).__name__
+        entry["config"].pop("midway_thresholds", None)  # the steps (and BN gains) in use are exported
         if cls == "IntegerBatchNormalization":
             entry.pop("module", None)
             entry.pop("registered_name", None)
             entry["class_name"] = "BatchNormalization"
-            report["inexact"].append(f"{layer.name}: BatchNormalization with its float inference offset (tfqkd "
-                                     "rounds it onto the int8 depthwise bias grid)")  # fmt: skip
+            report["inexact"].append(f"{layer.name}: BatchNormalization with its float inference gain and offset "
+                                     "(tfqkd puts them on the int8 depthwise grids)")  # fmt: skip
         elif str(entry.get("registered_name") or entry["class_name"]).startswith("tfqkd>"):
             if cls not in stock_names:
                 raise TfqkdError(f"layer '{layer.name}' ({cls}) has no stock QKeras counterpart")
             # Stock layers sum x * w in float (the same values up to float32 rounding).
             entry["config"].pop("integer_accumulation", None)
-            entry["config"].pop("midway_thresholds", None)  # the kernel step in use is exported
             entry.pop("module", None)
             entry.pop("registered_name", None)
             entry["class_name"] = cls  # tfqkd's layers keep QKeras' class names

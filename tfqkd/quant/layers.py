@@ -25,8 +25,8 @@ import numpy as np
 import qkeras
 
 from tfqkd.compat import keras, tf
-from tfqkd.graph import single_producer
-from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer
+from tfqkd.graph import producer, single_producer
+from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer, odd_ratio, odd_ratio_parts
 
 __all__ = [
     "INPUT_QUANTIZER_SUFFIX", "IntegerBatchNormalization", "QActivation", "QConv2D", "QDense", "QDepthwiseConv2D", "input_quantizer_of", "layer_quantizers",
@@ -130,11 +130,18 @@ def _single_consumer(layer):
     return next(iter(consumers.values())) if len(consumers) == 1 else None
 
 
+def _is_plain_relu(layer):
+    """Whether ``layer`` is a ReLU layer with no cap, slope or threshold (it keeps every grid)."""
+    if type(layer).__name__ != "ReLU":
+        return False
+    return not (getattr(layer, "max_value", None) or getattr(layer, "negative_slope", 0) or getattr(layer, "threshold", 0))
+
+
 def _rounding_quantizer(layer):
     """``(quantizer, area)``: the learned-step QActivation that rounds ``layer``'s output, straight or
-    through a Concatenate or a non-overlapping average pool of ``area`` values; or None."""
+    through a plain ReLU, a Concatenate or a non-overlapping average pool of ``area`` values; or None."""
     area, consumer = 1, _single_consumer(layer)
-    if isinstance(consumer, keras.layers.Concatenate):
+    if isinstance(consumer, keras.layers.Concatenate) or _is_plain_relu(consumer):
         consumer = _single_consumer(consumer)
     elif isinstance(consumer, keras.layers.AveragePooling2D):
         if consumer.padding != "valid" or tuple(consumer.strides) != tuple(consumer.pool_size):
@@ -144,18 +151,57 @@ def _rounding_quantizer(layer):
     return None if quantizer is None else (quantizer, area)
 
 
-def _output_log_span(layer_ref):
-    """``log(area * s_out / s_in)`` of the weak-referenced layer's midway weight step (see
-    ``midway_log_step``), or None while its graph does not show both grids."""
+#: Smallest odd number over a power of two (``odd_ratio``) for a conv's ``area * s_out / (s_in * s_w)``:
+#: the weight step moves by at most 1/8, and 4-bit weight codes stored times 18 make even the built-in
+#: kernels' two roundings exact (``WeightedPoint.tune``).
+_CONV_MIN_ODD = 8
+#: ... for a requantization between two 8-bit grids or a BN's multiplier >= 0.5 (one rounding on every
+#: runtime): the step or gain moves by at most 2/1024.
+_REQUANTIZE_MIN_ODD = 1024
+#: ... for one below 0.5 (one input code is ``2**j / k`` output steps, ``2**j <= 32``): with the value
+#: stored at gain code ``w > 2**(j+1)`` (127 for a requantization, 96 = 3 * 32 for a BN, whose offset
+#: must be a whole number ``w / 2**j`` of accumulator units), the built-in kernels' first rounding
+#: (finer than the multiplier) cannot cross a threshold; the step or gain moves by at most 1/64.
+_SPLIT_MIN_ODD = 64
+_SPLIT_GAIN_CODE = 96
+
+
+def _log_step(quantizer):
+    return tf.cast(quantizer.effective_log_step(), tf.float64)
+
+
+def _snap_conv_step(layer_ref, log_step):
+    """The weak-referenced conv's kernel log step with ``area * s_out / (s_in * s_w)`` an odd number over a
+    power of two (``odd_ratio``), or None while its graph does not show both grids."""
     layer = layer_ref()
-    if layer is None or layer.use_bias:
-        return None  # a float bias would move every threshold off the midpoints
+    if layer is None or not layer.integer_accumulation:
+        return None  # float sums (and a float bias) would move values off the lattice
     source, rounding = _learned_input_quantizer(layer), _rounding_quantizer(layer)
     if source is None or rounding is None:
         return None
     output, area = rounding
-    log_steps = (tf.cast(q.effective_log_step(), tf.float64) for q in (output, source))
-    return math.log(area) + next(log_steps) - next(log_steps)
+    log_span = math.log(area) + _log_step(output) - _log_step(source)
+    return tf.cast(log_span - odd_ratio(log_span - tf.cast(log_step, tf.float64), _CONV_MIN_ODD), log_step.dtype)
+
+
+def _snap_concat_step(layer_ref, log_step):
+    """The weak-referenced concat quantizer's log step with ``step / s_in`` an odd number over a power of two,
+    ``s_in`` the one learned grid among the concat's inputs (its codes are requantized), or None."""
+    layer = layer_ref()
+    concat = single_producer(layer) if layer is not None else None
+    if not isinstance(concat, keras.layers.Concatenate):
+        return None
+    grids = [q for q in (_learned_quantizer(producer(t)) for t in concat.input) if q is not None]
+    if len(grids) != 1:
+        return None
+    log_ratio = tf.cast(log_step, tf.float64) - _log_step(grids[0])  # one input code is 1 / ratio steps
+    snapped = tf.where(log_ratio > math.log(2.0), odd_ratio(log_ratio, _SPLIT_MIN_ODD), odd_ratio(log_ratio, _REQUANTIZE_MIN_ODD))
+    return tf.cast(_log_step(grids[0]) + snapped, log_step.dtype)
+
+
+def _link_snap(layer, quantizer, snap):
+    if layer.midway_thresholds and isinstance(quantizer, LearnedStepQuantizer) and not quantizer.power_of_two:
+        quantizer.snap = functools.partial(snap, weakref.ref(layer))
 
 
 class _IntegerAccumulationMixin:
@@ -177,10 +223,8 @@ class _IntegerAccumulationMixin:
     def _link_midway_step(self):
         """``midway_thresholds``: the learned kernel step keeps ``area * s_out / (s_in * s_w)`` an odd
         number over a power of two, so every rounding threshold of the output grid lies midway between
-        two reachable integer sums (``midway_log_step``); the link is read from the graph when used."""
-        quantizer = self.kernel_quantizer_internal
-        if self.midway_thresholds and isinstance(quantizer, LearnedStepQuantizer) and not quantizer.power_of_two:
-            quantizer.log_span = functools.partial(_output_log_span, weakref.ref(self))
+        two reachable integer sums (``odd_ratio``); the grids are read from the graph when used."""
+        _link_snap(self, self.kernel_quantizer_internal, _snap_conv_step)
 
     def get_config(self):
         config = super().get_config()
@@ -189,19 +233,37 @@ class _IntegerAccumulationMixin:
                 config[flag] = True
         return config
 
+    def _integer_steps(self):
+        """``(s_in, s_w)`` (float32 scalars) when this layer sums integer codes at inference, else None."""
+        if not self.integer_accumulation or not isinstance(self.kernel_quantizer_internal, LearnedStepQuantizer):
+            return None
+        source = _learned_input_quantizer(self)
+        if source is None:
+            return None
+        return source.step[0], self.kernel_quantizer_internal.step[0]
+
+    def inference_bias(self):
+        """The bias this layer adds at inference (None without one). With ``midway_thresholds`` and integer
+        sums, a multiple of ``s_in * s_w``, so the sums stay on their lattice (``odd_ratio``); it moves
+        by at most half that unit (1/16 of an output step), as an IntegerBatchNormalization's offset."""
+        if not self.use_bias:
+            return None
+        bias = self.bias_quantizer_internal(self.bias) if self.bias_quantizer else tf.convert_to_tensor(self.bias)
+        steps = self._integer_steps() if self.midway_thresholds else None
+        if steps is None:
+            return bias
+        unit = tf.cast(steps[0] * steps[1], bias.dtype)
+        return tf.round(bias / unit) * unit
+
     def call(self, inputs, training=None):
-        steps = None
-        if self.integer_accumulation and training is not True and isinstance(self.kernel_quantizer_internal, LearnedStepQuantizer):
-            source = _learned_input_quantizer(self)
-            if source is not None:
-                steps = (source.step, self.kernel_quantizer_internal.step)
+        steps = self._integer_steps() if training is not True else None
         if steps is None or training is None and keras.backend.learning_phase() == 1:
             return super().call(inputs)
-        input_step, weight_step = (tf.cast(s[0], inputs.dtype) for s in steps)
+        input_step, weight_step = (tf.cast(s, inputs.dtype) for s in steps)
         kernel = self.kernel_quantizer_internal(self.kernel, training=False)
         outputs = self._linear(tf.round(inputs / input_step), tf.round(kernel / weight_step)) * (input_step * weight_step)
         if self.use_bias:
-            bias = self.bias_quantizer_internal(self.bias) if self.bias_quantizer else self.bias
+            bias = self.inference_bias()
             outputs = keras.backend.bias_add(outputs, bias, data_format=getattr(self, "data_format", "channels_last"))
         if self.activation is not None:
             return self.activation(outputs)
@@ -257,10 +319,14 @@ class QActivation(qkeras.QActivation):
         such as ``"quantized_relu(4)"``.
     """
 
-    def __init__(self, activation, **kwargs):
+    def __init__(self, activation, midway_thresholds=False, **kwargs):
         if isinstance(activation, dict):
             activation = get_quantizer(activation)
         super().__init__(activation, **kwargs)
+        # ``integer_intermediates``: after a concat, the step keeps ``step / s_in`` an odd number over a
+        # power of two for the one input on another learned grid, whose codes the int8 file requantizes.
+        self.midway_thresholds = bool(midway_thresholds)
+        _link_snap(self, self.quantizer, _snap_concat_step)
 
     def build(self, input_shape):
         _build_quantizer(self, self.quantizer, "input", tuple(input_shape)[1:])
@@ -275,6 +341,8 @@ class QActivation(qkeras.QActivation):
         config = super().get_config()
         if not isinstance(self.activation, str):
             config["activation"] = keras.utils.serialize_keras_object(self.quantizer)
+        if self.midway_thresholds:
+            config["midway_thresholds"] = True
         return config
 
 
@@ -285,7 +353,7 @@ _GAIN_CODE = 127
 _SINGLE_ROUNDING_MARGIN = 1e-5
 
 
-def gain_codes(ratio):
+def gain_codes(ratio, split=False):
     """Per channel, the int8 weight code that stores a gain whose requantization multiplier is ``ratio`` at code 1.
 
     ``ratio`` is ``input step * |gain| / output step``; with the gain stored as
@@ -297,25 +365,24 @@ def gain_codes(ratio):
     bias serves both for an 8-bit output. With ``w <= 2 * ratio``, ``M >= 0.5``,
     ``e >= 0`` and both runtimes round once: the largest such ``w`` (at most
     127, the finest bias grid) where ``ratio >= 0.5``; 127 (two roundings on the
-    built-in kernels) where not. Works on numpy arrays and on tensors alike.
+    built-in kernels) where not, or with ``split`` 96 (see ``_SPLIT_GAIN_CODE``).
+    Works on numpy arrays and on tensors alike.
     """
+    below = float(_SPLIT_GAIN_CODE if split else _GAIN_CODE)
     codes = ratio * (2.0 * (1.0 - _SINGLE_ROUNDING_MARGIN))
     if tf.is_tensor(codes):
         codes = tf.floor(codes)
-        return tf.where(codes >= 1.0, tf.minimum(codes, float(_GAIN_CODE)), float(_GAIN_CODE))
+        return tf.where(codes >= 1.0, tf.minimum(codes, float(_GAIN_CODE)), below)
     codes = np.floor(codes)
-    return np.where(codes >= 1.0, np.minimum(codes, float(_GAIN_CODE)), float(_GAIN_CODE))
+    return np.where(codes >= 1.0, np.minimum(codes, float(_GAIN_CODE)), below)
 
 
 def _learned_output_step(layer):
     """The step tensor of the learned-step QActivation that reads ``layer``'s output through one plain ReLU, or None."""
     users = [node.layer for node in getattr(layer, "_outbound_nodes", [])]
-    if len(users) != 1 or type(users[0]).__name__ != "ReLU":
+    if len(users) != 1 or not _is_plain_relu(users[0]):
         return None
-    relu = users[0]
-    if getattr(relu, "max_value", None) or getattr(relu, "negative_slope", 0) or getattr(relu, "threshold", 0):
-        return None
-    users = [node.layer for node in getattr(relu, "_outbound_nodes", [])]
+    users = [node.layer for node in getattr(users[0], "_outbound_nodes", [])]
     if len(users) != 1 or not isinstance(users[0], QActivation):
         return None
     quantizer = users[0].quantizer
@@ -349,6 +416,16 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
     learned-step quantizer in front of it, it is BatchNormalization.
     """
 
+    def __init__(self, *args, midway_thresholds=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.midway_thresholds = bool(midway_thresholds)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.midway_thresholds:
+            config["midway_thresholds"] = True
+        return config
+
     def build(self, input_shape):
         # As _WeightQuantizedMixin.build: weights scoped by the layer name (unique .h5 names).
         scope = tf.name_scope(self.name) if not tf.get_current_name_scope() else contextlib.nullcontext()
@@ -375,14 +452,37 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
         if out is None:
             return tf.fill(tf.shape(gain), float(_GAIN_CODE))
         ratio = tf.cast(step, tf.float32) * tf.abs(gain) / tf.cast(out, tf.float32)
-        return gain_codes(ratio)
+        return gain_codes(ratio, split=self.midway_thresholds)
 
     def integer_affine(self, step):
-        """``(gain, offset)``: the inference map with the offset on the int32 bias grid of the int8 file."""
+        """``(gain, offset)``: the inference map with the offset on the int32 bias grid of the int8 file.
+
+        With ``midway_thresholds``, the gain and offset are placed so that no input code lands within
+        float noise of a rounding threshold of the output grid, nor within the built-in kernels' first
+        rounding (``odd_ratio``): where the file's multiplier ``M = s_in * |gain| / (w * s_out)`` is at
+        least 0.5, ``M`` is moved up (by at most 2/1024) to a power of two over an odd number; where
+        not, ``w`` is 96 and one input code's value ``s_in * |gain| / s_out`` is moved (by at most 1/64)
+        to ``2**j / k`` with ``2**j <= 32``, and the offset to a multiple of ``s_out / k`` (3 * 2**(5-j)
+        accumulator units).
+        """
         beta = self.beta if self.beta is not None else tf.zeros_like(self.moving_mean)
         gain = self._gain()
         offset = tf.cast(beta, tf.float32) - tf.cast(self.moving_mean, tf.float32) * gain
-        unit = tf.cast(step, tf.float32) * tf.abs(gain) / self.gain_codes(step)
+        codes = self.gain_codes(step)
+        out = self.output_step() if self.midway_thresholds else None
+        if out is None:
+            unit = tf.cast(step, tf.float32) * tf.abs(gain) / codes
+        else:
+            s_in, s_out, w = tf.cast(step, tf.float64), tf.cast(out, tf.float64), tf.cast(codes, tf.float64)
+            code_value = s_in * tf.maximum(tf.cast(tf.abs(gain), tf.float64), 1e-30) / s_out  # output steps per input code
+            single = code_value / w >= 0.5 * (1.0 - _SINGLE_ROUNDING_MARGIN)
+            k_one, j_one = odd_ratio_parts(tf.math.log(w / code_value), _REQUANTIZE_MIN_ODD, round_down=True)
+            k_split, j_split = odd_ratio_parts(-tf.math.log(code_value), _SPLIT_MIN_ODD)
+            two = tf.constant(2.0, tf.float64)
+            snapped = tf.where(single, w * tf.pow(two, j_one) / k_one, tf.pow(two, j_split) / k_split)
+            gain = tf.where(gain != 0, tf.cast(tf.sign(gain), tf.float32) * tf.cast(snapped * s_out / s_in, tf.float32), gain)
+            unit_out = tf.where(single, snapped / w, 1.0 / k_split)  # the offset grid in output steps
+            unit = tf.cast(unit_out * s_out, tf.float32)
         safe = tf.where(unit > 0, unit, tf.ones_like(unit))
         return gain, tf.where(unit > 0, tf.round(offset / safe) * safe, offset)
 

@@ -39,7 +39,8 @@ __all__ = [
     "Pof2Quantizer",
     "TfqkdQuantizer",
     "get_quantizer",
-    "midway_log_step",
+    "odd_ratio",
+    "odd_ratio_parts",
     "power_of_two_fake_quant",
     "quantizer_state_suffixes",
     "register_quantizer",
@@ -56,8 +57,6 @@ _LN2 = math.log(2.0)
 STEP_BAND = 16.0
 # Activation range assumed when no calibration data is given (BN-ReLU outputs).
 _DEFAULT_ACTIVATION_RANGE = 4.0
-#: A midway step ratio is an odd number k over a power of two, k >= this (see midway_log_step).
-_MIDWAY_MIN_RATIO = 8.0
 
 
 def validate_bits(bits, what="bits", low=1, high=16):
@@ -246,29 +245,36 @@ _FUSE_MIN_ELEMENTS = 16384
 _XLA = dict(jit_compile=True, reduce_retracing=True, autograph=False)
 
 
-def midway_log_step(log_step, log_span):
-    """``log`` of the step nearest ``exp(log_step)`` that divides ``span`` into ``k / 2**j`` steps, ``k`` odd.
+def odd_ratio(log_ratio, min_odd, round_down=False):
+    """``log`` of the ratio ``k / 2**j`` (``k`` odd, ``j >= 0``) nearest to ``exp(log_ratio)``, or the largest not above it
+    (up to 1e-6).
 
-    A conv whose integer sum ``A`` (units of ``s_in * s_w``) is rounded onto an
-    output grid ``s_out`` computes ``A / r`` output steps, ``r = span / s_w``
-    with ``span = area * s_out / s_in`` (``area``: an average pool in
-    between). With ``r = k / 2**j``, ``2**(j+1) * A`` is even and ``k * (2n+1)``
-    odd, so no reachable value comes within ``1 / (2k)`` of a rounding
-    threshold ``n + 1/2``: float32 noise (the Keras sum, XNNPACK's float
-    rescale) cannot put a code on the other side, and neither can the first of
-    TFLite's built-in kernels' two roundings once the file stores the weight
-    codes times more than ``2**(j+1)`` (``WeightedPoint.tune``). ``j`` is the
-    smallest that makes ``k >= 8``, so the step moves by at most 1/8.
+    ``j`` is the smallest that makes ``2**j * ratio >= min_odd``, so the ratio moves by at most
+    ``2 / min_odd``. Where integer sums ``A`` are rounded onto a grid in units of ``1 / ratio``
+    output steps, ``2**(j+1) * A`` is even and ``k * (2n + 1)`` odd: no reachable value comes within
+    ``1 / (2k)`` of a rounding threshold ``n + 1/2``, so float32 noise (a Keras sum, XNNPACK's
+    float rescale) cannot put a code on the other side, and neither can the first of TFLite's
+    built-in kernels' two roundings when the accumulator unit is finer than ``1 / 2**(j+1)`` of
+    the integers' (``WeightedPoint.tune`` stores weight codes times enough for that).
+
+    Computed in float64, and as ``log(2 * (m + 1/2))`` rather than ``log(2m + 1)``: in float32,
+    Grappler's rewrite of ``log(x + 1)`` as ``log1p(x)`` in a tf.function gave another last bit
+    than eager execution, so predict() and the exporter read steps 1e-6 apart and moved codes.
     """
-    # In float64, and log(2 * (m + 1/2)) rather than log(2m + 1): in float32, Grappler's rewrite of
-    # log(x + 1) as log1p(x) in a tf.function gave another last bit than eager execution, so
-    # predict() and the exporter read steps that differed by 1e-6 and weight codes that moved.
-    dtype = log_step.dtype
-    log_step, log_span = tf.cast(log_step, tf.float64), tf.cast(log_span, tf.float64)
-    log_ratio = log_span - log_step
-    j = tf.maximum(tf.constant(0.0, tf.float64), tf.math.ceil(math.log2(_MIDWAY_MIN_RATIO) - log_ratio / _LN2))
-    half_k = tf.floor(tf.exp(log_ratio + j * _LN2) / 2.0) + 0.5  # k / 2, k the nearest odd number
-    return tf.cast(log_span - tf.math.log(2.0 * half_k) + j * _LN2, dtype)
+    k, j = odd_ratio_parts(log_ratio, min_odd, round_down)
+    return tf.cast(tf.math.log(k) - j * _LN2, log_ratio.dtype)
+
+
+def odd_ratio_parts(log_ratio, min_odd, round_down=False):
+    """``(k, j)`` of :func:`odd_ratio` (float64 tensors)."""
+    log_ratio = tf.cast(log_ratio, tf.float64)
+    # Rounding down from 2**j * ratio >= min_odd + 1 keeps k >= min_odd. Both comparisons forgive 1e-6 and
+    # 2e-6 (float32 noise of a ratio snapped before), so a snapped ratio keeps its j and its k.
+    lowest = (min_odd + 1) * (1.0 - 1e-6) if round_down else min_odd
+    j = tf.maximum(tf.constant(0.0, tf.float64), tf.math.ceil(math.log2(lowest) - log_ratio / _LN2))
+    scaled = tf.exp(log_ratio + j * _LN2)
+    half_k = (tf.floor((scaled * (1.0 + 2e-6) - 1.0) / 2.0) if round_down else tf.floor(scaled / 2.0)) + 0.5  # k / 2
+    return 2.0 * half_k, j
 
 
 def _step_fake_quant(x, step, qmin, qmax):
@@ -539,9 +545,10 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         # Objects made in code are current; only a config without the key is
         # legacy: its state is the step itself, as tfqkd 0.1 trained it.
         self.legacy_linear = False
-        # Set by a layer with ``midway_thresholds``: returns ``log(span)`` of midway_log_step, or
-        # None while the layer's graph does not say it (not serialized: the layer sets it again).
-        self.log_span = None
+        # Set by a layer with ``midway_thresholds``: maps the log step to the one in use (see
+        # odd_ratio), or returns None while the layer's graph does not show the grids it relates
+        # to. Not serialized: the layer sets it again.
+        self.snap = None
 
     @classmethod
     def _from_settings(cls, config):
@@ -587,7 +594,7 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
         return tf.exp(self.effective_log_step())
 
     def effective_log_step(self):
-        """``log`` of :attr:`step` as the quantizer computes it (power of two, midway), not via ``log(step)``."""
+        """``log`` of :attr:`step` as the quantizer computes it (power of two, snapped), not via ``log(step)``."""
         return self._effective_log_step(tf.clip_by_value(self.log_step, -30.0, 30.0))
 
     def _effective_log_step(self, log_step):
@@ -595,17 +602,16 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
             # log of the nearest power of two; straight-through, so log_step keeps learning.
             rounded = _LN2 * tf.round(log_step / _LN2)
             return log_step + tf.stop_gradient(rounded - log_step)
-        log_span = self.log_span() if self.log_span is not None else None
-        if log_span is None:
+        snapped = self.snap(log_step) if self.snap is not None else None
+        if snapped is None:
             return log_step
         # Straight-through as well: log_step learns, the layer computes with the snapped step.
-        snapped = midway_log_step(log_step, log_span)
         return log_step + tf.stop_gradient(snapped - log_step)
 
     def _state_values(self):
         state = super()._state_values()
-        if state and self.log_span is not None and not self.legacy_linear:
-            # A copy rebuilt from the config outside the layer has no span to snap to: it reads the step in use.
+        if state and self.snap is not None and not self.legacy_linear:
+            # A copy rebuilt from the config outside the layer has no grids to snap to: it reads the step in use.
             try:
                 state["log_step"] = float(self._effective_log_step(tf.convert_to_tensor(self.log_step)).numpy()[0])
             except (AttributeError, NotImplementedError, ValueError, TypeError):

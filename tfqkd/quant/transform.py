@@ -408,6 +408,7 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
         if entry["class_name"] == "BatchNormalization" and sources and sources <= inserted:
             # Its inference offset on the int32 bias grid of the int8 file's depthwise lowering.
             entry["class_name"] = "IntegerBatchNormalization"
+            entry["config"]["midway_thresholds"] = True  # no input code within float noise of a threshold
             entry.pop("module", None)
             entry.pop("registered_name", None)
         result.append(entry)
@@ -423,6 +424,7 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
                         "trainable": True,
                         "dtype": entry["config"].get("dtype", "float32"),
                         "activation": keras.utils.serialize_keras_object(quantizer),
+                        "midway_thresholds": True,  # after a concat: requantized codes off the thresholds
                     },
                     "inbound_nodes": [[[name, 0, 0, {}]]],
                 }
