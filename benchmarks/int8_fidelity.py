@@ -14,8 +14,10 @@ runtime: LiteRT (XNNPACK), TensorFlow's tf.lite interpreter and tflite-runtime
 
 densenet21 is trained with ``integer_intermediates=True`` on a SHORT schedule
 (158 float steps, then quantized and 79 QAT steps, Adam; seed 0; the
-tests' schedule), at w8a8 and w4a4, plus a plain w8a8 densenet21 (the README
-student's policy, BN tensors in float) for the runtime comparison.
+tests' schedule), at w8a8, w6a8 (6-bit weights, 8-bit activations) and w4a4,
+plus a plain w8a8 densenet21 (the README student's policy, BN tensors in float)
+for the runtime comparison, with TensorFlow's own post-training int8 file of its
+float model beside it (``converter_ptq_between_runtimes``).
 
 Per file: top-1 agreement, largest logit error in logits and in output steps
 (the int8 output tensor's scale) per runtime, the largest difference between
@@ -38,11 +40,14 @@ from pathlib import Path
 import tfqkd  # noqa: F401  isort: skip  (selects Keras 2 before TensorFlow)
 import numpy as np
 
-from tfqkd.compat import keras
+from tfqkd.compat import keras, tf
 from tfqkd.bench.report import write_json
 from tfqkd.data import load_arrays
 from tfqkd.export import to_tflite
 from tfqkd.export.inspect import load_interpreter
+from tfqkd.export.runtimes import RuntimeUnavailable, parse_runtimes, run_codes
+from tfqkd.export.tflite import calibration_batches, use_int8_builtins
+from tfqkd.export.validate import quantize_inputs
 from tfqkd.plotting import pyplot, save_figure
 from tfqkd.quant import QuantPolicy, resolve_policy
 
@@ -71,6 +76,7 @@ def train_mlp(name, policy, seed, optimizer, data, integer_intermediates=False):
 
 
 def train_densenet(policy, integer_intermediates, seed, data):
+    """``(quantized model, the float model it started from)`` on the short schedule."""
     x_train, y_train = data
 
     def fit(model, steps, lr):
@@ -82,7 +88,30 @@ def train_densenet(policy, integer_intermediates, seed, data):
     fit(float_model, 158, 2e-3)
     model = tfqkd.quantize(float_model, policy, x_train[:256], integer_intermediates=integer_intermediates)
     fit(model, 79, 2e-4)
-    return model
+    return model, float_model
+
+
+def converter_between_runtimes(float_model, data, test, runtimes, workdir):
+    """How far the runtimes' outputs of TensorFlow's own post-training int8 file of ``float_model`` differ
+    (the yardstick of issue 17: 'at most 3 steps' for the README student's float twin)."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(float_model)
+    use_int8_builtins(converter, calibration_batches(data[0][:512]))
+    path = Path(workdir) / "converter_ptq.tflite"
+    path.write_bytes(converter.convert())
+    interpreter, _ = load_interpreter(path)
+    inputs = quantize_inputs(test[0], interpreter.get_input_details()[0])
+    outputs = {}
+    for runtime in parse_runtimes(runtimes):
+        try:
+            outputs[runtime.label] = run_codes(path, inputs, runtime)[0].astype(np.int64)
+        except RuntimeUnavailable:
+            continue
+    first = next(iter(outputs))
+    return {
+        label: {"against": first, "max_difference": int(np.abs(codes - outputs[first]).max()), "unit": "output steps",
+                "identical_outputs": float(100.0 * np.mean(codes == outputs[first]))}  # fmt: skip
+        for label, codes in outputs.items() if label != first
+    }
 
 
 def _runtime_figures(report):
@@ -185,11 +214,16 @@ def main(argv=None):
                         rows.append(row)
                         print(_line(row), flush=True)
         if not (args.quick or args.no_densenet):
-            for policy, ii in (("w8a8", True), ("w4a4", True), ("w8a8", False)):
-                model = train_densenet(policy, ii, 0, data)
+            # w6a8: 6-bit weight codes (|code| <= 31) leave room for the x4 code multiplier that makes
+            # the built-in kernels' two roundings of a conv's sum exact; 8-bit codes do not.
+            w6a8 = QuantPolicy.from_dict({"default": {"weight_bits": 6, "activation_bits": 8}})
+            for policy, ii in (("w8a8", True), ("w6a8", True), ("w4a4", True), ("w8a8", False)):
+                model, float_model = train_densenet(w6a8 if policy == "w6a8" else policy, ii, 0, data)
                 row = {"model": "densenet21", "policy": policy, "integer_intermediates": ii, "seed": 0,
                        "optimizer": "adam", "schedule": "short: 158 float steps + 79 QAT steps (Adam, batch 64)"}  # fmt: skip
                 row.update(measure(model, data, test, runtimes, workdir, f"densenet21_{policy}_ii{int(ii)}"))
+                if not ii:  # the same float model through TensorFlow's converter (post-training int8)
+                    row["converter_ptq_between_runtimes"] = converter_between_runtimes(float_model, data, test, runtimes, workdir)
                 rows.append(row)
                 print(_line(row), flush=True)
     out = Path(args.out)

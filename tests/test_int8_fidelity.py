@@ -44,6 +44,19 @@ def _builtin_outputs(path, x, tensors=()):
     return interpreter.get_tensor(out["index"]).astype(np.int64), out, interpreter
 
 
+def _litert_outputs(path, x):
+    """Outputs with LiteRT's default kernels (XNNPACK), in the output tensor's dtype."""
+    from tfqkd.export.inspect import load_interpreter
+
+    interpreter, _ = load_interpreter(path)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], quantize_inputs(x, detail))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
 def _keras_steps(model, x, path):
     from tfqkd.export.inspect import load_interpreter
 
@@ -327,7 +340,6 @@ def test_w8a8_integer_intermediates_batchnorms_are_exact_in_int8(tmp_path, mnist
     from test_export_tflite import _small_densenet
 
     import tfqkd.io
-    from tfqkd.export.inspect import load_interpreter
     from tfqkd.quant.layers import IntegerBatchNormalization
 
     x_train, y_train, x_test, _ = mnist5k
@@ -386,13 +398,7 @@ def test_w8a8_integer_intermediates_batchnorms_are_exact_in_int8(tmp_path, mnist
     moved = int(np.sum(keras_codes != pooled_out))
     assert keras_codes.size == 4000 and moved <= 2, moved  # measured 0; the converter's MEAN: 23 of 4,000
     # The float head then sees the Keras model's codes: the same logits up to float32 sums.
-    interpreter, _ = load_interpreter(path)
-    detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], quantize_inputs(x, detail))
-    interpreter.invoke()
-    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.float64)
+    lite = _litert_outputs(path, x).astype(np.float64)
     keras_logits = model.predict(x, verbose=0).astype(np.float64)
     assert np.abs(lite - keras_logits).max() <= 1e-4 * np.abs(keras_logits).max(), np.abs(lite - keras_logits).max()
 
@@ -422,18 +428,6 @@ def _batchnorm_misses(model, codes):
 # -- integer_intermediates: grids whose thresholds no reachable value comes near (odd_ratio) --------
 
 
-def _litert_outputs(path, x):
-    from tfqkd.export.inspect import load_interpreter
-
-    interpreter, _ = load_interpreter(path)
-    detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], quantize_inputs(x, detail))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.int64)
-
-
 @pytest.mark.parametrize("optimizer, seed", [("sgd", 5), ("adam", 0)])
 def test_integer_intermediate_w4a4_mlp_is_exact_on_xnnpack_and_builtin_kernels(tmp_path, mnist5k, optimizer, seed, trained_student):
     """With ``integer_intermediates`` (integer sums, the hidden kernel steps and biases on their lattices)
@@ -450,7 +444,7 @@ def test_integer_intermediate_w4a4_mlp_is_exact_on_xnnpack_and_builtin_kernels(t
     expected = _keras_steps(model, x_test, path)
     # The logits' own requantization has no grid to snap to: on the built-in kernels its first rounding can
     # add a fraction of an accumulator unit (measured 0.504 steps; XNNPACK 0.50).
-    for kernels, codes, bound in (("xnnpack", _litert_outputs(path, x_test), 0.501),
+    for kernels, codes, bound in (("xnnpack", _litert_outputs(path, x_test).astype(np.int64), 0.501),
                                   ("built-in", _builtin_outputs(path, x_test)[0], 0.52)):  # fmt: skip
         assert np.abs(codes - expected).max() <= bound, (kernels, np.abs(codes - expected).max())
 
@@ -481,5 +475,5 @@ def test_integer_intermediate_w4a4_densenet_is_exact_on_xnnpack_and_builtin_kern
         moved = {name: int(np.sum(k != lite)) for name, (k, lite) in codes.items() if np.any(k != lite)}
         assert moved == {}, (builtin, moved)
     expected = _keras_steps(model, x, path)
-    for codes, bound in ((_litert_outputs(path, x), 0.501), (_builtin_outputs(path, x)[0], 0.52)):
+    for codes, bound in ((_litert_outputs(path, x).astype(np.int64), 0.501), (_builtin_outputs(path, x)[0], 0.52)):
         assert np.abs(codes - expected).max() <= bound

@@ -817,11 +817,9 @@ def test_odd_ratio_is_an_odd_number_over_a_power_of_two_near_the_ratio(min_odd, 
 
 def test_integer_intermediate_convs_round_no_sum_near_a_threshold(tmp_path):
     """``integer_intermediates``: each conv's learned kernel step keeps ``area * s_out / (s_in * s_w)``
-    an odd number over a power of two (``midway_log_step``), so no integer sum is within float noise of
-    a rounding threshold of the grid it is rounded onto (directly, through a concat or an average pool)."""
+    an odd number over a power of two (``odd_ratio``), so no integer sum is within float noise of a
+    rounding threshold of the grid it is rounded onto (directly, through a concat or an average pool)."""
     from test_export_tflite import _small_densenet
-
-    from tfqkd.quant.layers import QConv2D
 
     rng = np.random.default_rng(0)
     x = rng.random((64, 28, 28, 1)).astype("float32")
