@@ -81,36 +81,33 @@ def _trained(name, policy, mnist5k, integer_intermediates=False):
     return _TRAINED[key]
 
 
-_PLAIN_LOW_BIT_DENSENET = pytest.mark.xfail(
-    strict=True,
-    reason="a plain QAT DenseNet keeps BN/concat/pool tensors in float, which int8 must round: w4a4 densenet21 "
-    "agrees 99.0% (w8a8 99.7%; compact layout 98.8% / 99.9%); integer_intermediates makes it exact (test below)",
-)
-
-
 @pytest.mark.parametrize(
-    "name, policy",
+    "name, policy, minimum",
     [
-        ("kl_mlp_student", "w8a8"),
-        ("kl_mlp_student", "w4a4"),
-        pytest.param("densenet21", "w8a8", marks=pytest.mark.slow),
-        pytest.param("densenet21", "w4a4", marks=[pytest.mark.slow, _PLAIN_LOW_BIT_DENSENET]),
+        ("kl_mlp_student", "w8a8", 99.5),
+        ("kl_mlp_student", "w4a4", 99.5),
+        pytest.param("densenet21", "w8a8", 99.5, marks=pytest.mark.slow),
+        # A plain QAT DenseNet keeps its BN, concat and pool tensors in float, which int8 must round: at
+        # w4a4 that moves 4-bit codes and the agreement depends on float noise (measured 99.0-99.6%,
+        # with the thread count and load; integer_intermediates makes it exact, tests below).
+        pytest.param("densenet21", "w4a4", 98.5, marks=pytest.mark.slow),
     ],
 )
-def test_int8_agrees_with_fake_quant_model(tmp_path, mnist5k, name, policy):
-    _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates=False)
+def test_int8_agrees_with_fake_quant_model(tmp_path, mnist5k, name, policy, minimum):
+    _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates=False, minimum=minimum)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["w8a8", "w4a4"])
 def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist5k, policy):
-    """The issue's densenet21 check (measured: w4a4 100.0%, w8a8 99.9% agreement)."""
+    """The issue's densenet21 check: on LiteRT the int8 logits are the Keras logits rounded (measured 100.0%
+    agreement and 0.50 output steps at w4a4 and w8a8)."""
     _check_agreement(tmp_path, mnist5k, "densenet21", policy, integer_intermediates=True)
 
 
 @pytest.mark.slow
 def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist5k):
-    """The issue's criterion 2 on the full trained densenet21 (its agreement check above is an xfail)."""
+    """The issue's criterion 2 on the full trained densenet21."""
     model = _trained("densenet21", "w4a4", mnist5k)
     result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], format="int8")
     info = read_tflite(result["path"])
@@ -118,15 +115,18 @@ def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist5k):
     _check_trained_grid(info, result)
 
 
-def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates):
+def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates, minimum=99.5):
     x_train, _, x_test, y_test = mnist5k
     model = _trained(name, policy, mnist5k, integer_intermediates)
     out = tmp_path / f"{name}_{policy}.tflite"
     result = to_tflite(model, out, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test))
     report = result["validation"]
     assert report["examples"] == 1000
-    assert report["agreement"] >= 99.5, report
-    assert report["accuracy_difference"] <= 0.2 + 1e-9, report  # at most 2 of the 1,000 images (a float percentage)
+    assert report["agreement"] >= minimum, report
+    # At most 2 of the 1,000 images (a float percentage); 10 where the agreement may be lower.
+    assert report["accuracy_difference"] <= (0.2 if minimum >= 99.5 else 1.0) + 1e-9, report
+    if integer_intermediates:
+        assert report["max_output_steps"] <= 0.501, report
     assert report["runtime"] == "ai-edge-litert"
     written = json.loads((tmp_path / f"{out.name}.validation.json").read_text())
     assert written["agreement"] == report["agreement"]
