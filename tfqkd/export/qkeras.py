@@ -265,6 +265,6 @@ def validate_qkeras(path, x, expected):
         )  # fmt: skip
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TfqkdError(f"stock QKeras could not load {path}: {last[:200]}")
+            raise TfqkdError(f"stock QKeras could not load and run {path}: {last[:200]}")
         got = np.load(outputs)
     return compare_logits(got, expected)
