@@ -285,6 +285,17 @@ def test_float_logits_option_plumbing_and_one_line_errors(tmp_path, mnist5k, cap
 # -- integer_intermediates at 8 bits: BN requantizations exact -------------------------------------
 
 
+def _float_small_densenet(mnist5k, seed):
+    """The miniature pre-activation DenseNet of test_export_tflite, one float epoch on 1,024 digits."""
+    from test_export_tflite import _small_densenet
+
+    keras.utils.set_random_seed(seed)
+    model = _small_densenet()
+    model.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(mnist5k.x_train[:1024], mnist5k.y_train[:1024], epochs=1, batch_size=64, verbose=0)
+    return model
+
+
 def _every_code(model, path, x, builtin=False):
     """``{quantizer name: (Keras codes, file codes)}`` for every 8-bit QActivation whose tensor the file holds."""
     from tfqkd.export.inspect import load_interpreter
@@ -337,16 +348,11 @@ def test_w8a8_integer_intermediates_batchnorms_are_exact_in_int8(tmp_path, mnist
     outputs. The gain is now stored at the largest code that keeps the multiplier >= 0.5 (one
     rounding on every runtime), with the Keras offset on that coarser grid: 0 moved.
     """
-    from test_export_tflite import _small_densenet
-
     import tfqkd.io
     from tfqkd.quant.layers import IntegerBatchNormalization
 
     x_train, y_train, x_test, _ = mnist5k
-    keras.utils.set_random_seed(1)
-    float_model = _small_densenet()
-    float_model.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    float_model.fit(x_train[:1024], y_train[:1024], epochs=1, batch_size=64, verbose=0)
+    float_model = _float_small_densenet(mnist5k, seed=1)
     model = tfqkd.quantize(float_model, "w8a8", x_train[:128], integer_intermediates=True)
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert bns and all(type(layer) is IntegerBatchNormalization for layer in bns)
@@ -454,16 +460,10 @@ def test_integer_intermediate_w4a4_densenet_is_exact_on_xnnpack_and_builtin_kern
     is the Keras model's: conv sums, concat requantizations and BNs keep a margin from every rounding
     threshold that float noise and gemmlowp's first rounding cannot cross. densenet21 before (the same
     short schedule): 14.65 output steps and 99.0% agreement on tflite-runtime 2.14, 2.50 steps on LiteRT."""
-    from test_export_tflite import _small_densenet
-
     import tfqkd
 
     x_train, y_train, x_test, _ = mnist5k
-    keras.utils.set_random_seed(2)
-    float_model = _small_densenet()
-    float_model.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    float_model.fit(x_train[:1024], y_train[:1024], epochs=1, batch_size=64, verbose=0)
-    model = tfqkd.quantize(float_model, "w4a4", x_train[:128], integer_intermediates=True)
+    model = tfqkd.quantize(_float_small_densenet(mnist5k, seed=2), "w4a4", x_train[:128], integer_intermediates=True)
     model.compile(keras.optimizers.Adam(2e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train[:1024], y_train[:1024], epochs=1, batch_size=64, verbose=0)
     path = tmp_path / "dn.tflite"

@@ -194,9 +194,10 @@ def _snap_concat_step(layer_ref, log_step):
     grids = [q for q in (_learned_quantizer(producer(t)) for t in concat.input) if q is not None]
     if len(grids) != 1:
         return None
-    log_ratio = tf.cast(log_step, tf.float64) - _log_step(grids[0])  # one input code is 1 / ratio steps
+    log_in = _log_step(grids[0])
+    log_ratio = tf.cast(log_step, tf.float64) - log_in  # one input code is 1 / ratio steps
     snapped = tf.where(log_ratio > math.log(2.0), odd_ratio(log_ratio, _SPLIT_MIN_ODD), odd_ratio(log_ratio, _REQUANTIZE_MIN_ODD))
-    return tf.cast(_log_step(grids[0]) + snapped, log_step.dtype)
+    return tf.cast(log_in + snapped, log_step.dtype)
 
 
 def _link_snap(layer, quantizer, snap):
@@ -242,14 +243,19 @@ class _IntegerAccumulationMixin:
             return None
         return source.step[0], self.kernel_quantizer_internal.step[0]
 
-    def inference_bias(self):
+    def inference_bias(self, steps=None):
         """The bias this layer adds at inference (None without one). With ``midway_thresholds`` and integer
         sums, a multiple of ``s_in * s_w``, so the sums stay on their lattice (``odd_ratio``); it moves
-        by at most half that unit (1/16 of an output step), as an IntegerBatchNormalization's offset."""
+        by at most half that unit (1/16 of an output step), as an IntegerBatchNormalization's offset.
+
+        ``steps``: :meth:`_integer_steps`, when the caller has them.
+        """
         if not self.use_bias:
             return None
         bias = self.bias_quantizer_internal(self.bias) if self.bias_quantizer else tf.convert_to_tensor(self.bias)
-        steps = self._integer_steps() if self.midway_thresholds else None
+        if not self.midway_thresholds:
+            return bias
+        steps = steps if steps is not None else self._integer_steps()
         if steps is None:
             return bias
         unit = tf.cast(steps[0] * steps[1], bias.dtype)
@@ -263,7 +269,7 @@ class _IntegerAccumulationMixin:
         kernel = self.kernel_quantizer_internal(self.kernel, training=False)
         outputs = self._linear(tf.round(inputs / input_step), tf.round(kernel / weight_step)) * (input_step * weight_step)
         if self.use_bias:
-            bias = self.inference_bias()
+            bias = self.inference_bias(steps)
             outputs = keras.backend.bias_add(outputs, bias, data_format=getattr(self, "data_format", "channels_last"))
         if self.activation is not None:
             return self.activation(outputs)
@@ -379,16 +385,11 @@ def gain_codes(ratio, split=False):
 
 def _learned_output_step(layer):
     """The step tensor of the learned-step QActivation that reads ``layer``'s output through one plain ReLU, or None."""
-    users = [node.layer for node in getattr(layer, "_outbound_nodes", [])]
-    if len(users) != 1 or not _is_plain_relu(users[0]):
+    relu = _single_consumer(layer)
+    if not _is_plain_relu(relu):
         return None
-    users = [node.layer for node in getattr(users[0], "_outbound_nodes", [])]
-    if len(users) != 1 or not isinstance(users[0], QActivation):
-        return None
-    quantizer = users[0].quantizer
-    if not isinstance(quantizer, LearnedStepQuantizer) or quantizer.legacy_linear:
-        return None
-    return quantizer.step
+    quantizer = _learned_quantizer(_single_consumer(relu))
+    return None if quantizer is None else quantizer.step
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="IntegerBatchNormalization")

@@ -611,11 +611,9 @@ class LearnedStepQuantizer(TfqkdQuantizer, qkeras.quantized_bits):
     def _state_values(self):
         state = super()._state_values()
         if state and self.snap is not None and not self.legacy_linear:
-            # A copy rebuilt from the config outside the layer has no grids to snap to: it reads the step in use.
-            try:
-                state["log_step"] = float(self._effective_log_step(tf.convert_to_tensor(self.log_step)).numpy()[0])
-            except (AttributeError, NotImplementedError, ValueError, TypeError):
-                return {}
+            # A copy rebuilt from the config outside the layer has no grids to snap to: it reads the step in
+            # use. (The state is only non-empty when eager, so this reads a value too.)
+            state["log_step"] = float(self.effective_log_step().numpy()[0])
         return state
 
     def assign_step(self, step):
