@@ -226,6 +226,33 @@ def test_hls4ml_emulation_of_activation_steps_of_one_and_more_agrees(tmp_path, m
     assert check["top1_agreement"] == 100.0 and check["max_abs_logit_difference"] < 1e-3, check
 
 
+def test_activation_steps_below_two_to_the_minus_bits_export_in_a_form_stock_qkeras_runs(tmp_path, mnist5k):
+    """Inputs in [0, 1/32]: 4-bit activation steps of 2**-9 and less, i.e. quantized_relu(4, -5). Stock
+    QKeras computes 2**integer in int32; TensorFlow's graph optimizer makes an int32 Reciprocal of the
+    negative power, which has no CPU kernel, so such a file loaded but failed in predict()."""
+    from tfqkd.export.qkeras import stock_qkeras_model
+
+    faint = mnist5k._replace(x_train=mnist5k.x_train / 32, x_test=mnist5k.x_test / 32)
+    keras.utils.set_random_seed(0)
+    float_model = tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1))
+    model = _trained_model(float_model, POF2_ALL, faint.x_train[:2000], faint.y_train[:2000], epochs=1)
+    steps = {layer.name: float(layer.quantizer.step.numpy()[0]) for layer in model.layers if layer.name.endswith("_qin")}
+    assert steps["hidden1_dense_qin"] <= 2.0**-8, steps
+    report = to_qkeras(model, tmp_path / "stock.h5", evaluation=faint.x_test)
+    written = json.loads((tmp_path / "stock.qkeras.json").read_text())
+    assert report["inexact"] == [] and written["validation"] == report["validation"]
+    check = report["validation"]
+    assert check["top1_agreement"] == 100.0 and check["max_abs_logit_difference"] < 1e-4, check
+    stock, _ = stock_qkeras_model(model)
+    first = stock.get_layer("hidden1_dense_qin").quantizer
+    exponent = round(np.log2(steps["hidden1_dense_qin"]))
+    assert (first.bits, first.integer, first.is_quantized_clip) == (4 - exponent - 4, 0, False)
+    assert first.relu_upper_bound == 15 * 2.0**exponent
+    # hls4ml reads (bits, integer), not relu_upper_bound: it keeps the negative integer.
+    plain, _ = stock_qkeras_model(model, runnable=False)
+    assert plain.get_layer("hidden1_dense_qin").quantizer.integer == exponent + 4 < 0
+
+
 def test_hls4ml_target_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     import sys
 

@@ -153,7 +153,7 @@ def to_hls4ml(
     out_dir = atomic.ensure_directory(out_dir, "hls4ml project directory")
     taken = {layer.name for layer in model.layers}
     rename = {name: next(f"{name}_{i}" for i in range(1, 100) if f"{name}_{i}" not in taken) for name in _RESERVED if name in taken}
-    stock, report = stock_qkeras_model(model, rename=rename)
+    stock, report = stock_qkeras_model(model, rename=rename, runnable=False)  # hls4ml reads (bits, integer)
     stock, depthwise_alpha = factor_depthwise_alpha(stock)
     before_flatten = []
     if io_type == "io_stream":

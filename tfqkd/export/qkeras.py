@@ -15,7 +15,11 @@ tfqkd, QTools, hls4ml's QKeras reader) take the model this module writes:
   ReLU) or ``quantized_bits(bits, integer, 0)`` (signed), whose step is the power of two
   ``2**(integer - bits)`` or ``2**(integer - bits + 1)``: exact when the trained step is a
   power of two (policies with ``activation_scheme: lsq_pof2``), otherwise the nearest power of two, and
-  the report names the layer and the ratio of the two steps.
+  the report names the layer and the ratio of the two steps. A step below ``2**-bits`` (a
+  negative ``integer``) is written ``quantized_relu(bits - integer, 0, relu_upper_bound=top,
+  is_quantized_clip=False)``, the same grid and clip: stock QKeras computes ``2**integer`` in
+  int32, and TensorFlow's graph optimizer turns a negative power into an int32 ``Reciprocal``
+  that has no CPU kernel, so ``predict()`` of a model with a negative ``integer`` fails.
 
 Everything else (BatchNormalization, pooling, concatenation, ReLU) is copied as it is.
 """
@@ -96,8 +100,12 @@ def _weight_quantizer(quantizer, values, layer_name, report):
     return {"class_name": "quantized_bits", "config": stock.get_config()}, alpha
 
 
-def _activation_quantizer(quantizer, layer_name, report):
-    """The stock ``quantized_bits`` string of an activation quantizer (power-of-two step)."""
+def _activation_quantizer(quantizer, layer_name, report, runnable=True):
+    """The stock quantizer string of an activation quantizer (power-of-two step).
+
+    ``runnable``: no negative ``integer`` (see the module docstring); hls4ml, which reads
+    ``(bits, integer)`` and not ``relu_upper_bound``, takes the plain form.
+    """
     grid = quantizer.grid()  # one-line TfqkdError for scales that follow each batch
     if grid.zero != 0:
         raise TfqkdError(f"layer '{layer_name}': an activation grid with zero point {grid.zero} has no stock QKeras form")
@@ -113,6 +121,15 @@ def _activation_quantizer(quantizer, layer_name, report):
         report["inexact"].append(
             f"{layer_name}: activation step {grid.scale:.6g} exported as 2**{exponent} = {exported:.6g} (x{ratio:.3f})"
         )
+    if runnable and integer < 0:
+        if keep_negative:
+            # quantized_bits has no clip of its own, and its float alpha scales the codes, not x.
+            raise TfqkdError(f"layer '{layer_name}': a signed {bits}-bit activation step 2**{exponent} has no stock "
+                             "QKeras form that runs (QKeras computes 2**integer in int32; integer would be "
+                             f"{integer})")  # fmt: skip
+        # The same step 2**exponent and the same top code 2**bits - 1, declared with integer 0.
+        top = (2**bits - 1) * exported
+        return f"quantized_relu({bits - integer},0,relu_upper_bound={top!r},is_quantized_clip=False)"
     if not keep_negative:
         # Not quantized_bits(keep_negative=False): hls4ml types every quantized_bits as signed,
         # which halves the range of an unsigned grid; quantized_relu is its unsigned type.
@@ -154,12 +171,15 @@ def to_qkeras(model, path, *, evaluation=None, force=False):
     return report
 
 
-def stock_qkeras_model(model, rename=None):
+def stock_qkeras_model(model, rename=None, runnable=True):
     """The in-memory model of stock QKeras layers that computes what ``model`` computes.
 
     Args:
       model: a tfqkd-quantized functional (or Sequential) model.
       rename: optional ``{old layer name: new name}`` (hls4ml reserves some names).
+      runnable: write activation steps below ``2**-bits`` in the form stock QKeras runs under
+        TensorFlow (``relu_upper_bound``); False: ``quantized_relu(bits, negative integer)``,
+        which hls4ml reads (it ignores ``relu_upper_bound``) and TensorFlow cannot predict with.
 
     Returns:
       ``(stock model, report)``; the report has ``activations`` and ``inexact`` as in :func:`to_qkeras`.
@@ -193,7 +213,7 @@ def stock_qkeras_model(model, rename=None):
             continue
         layer_config = entry["config"]
         if isinstance(layer, QActivation):
-            layer_config["activation"] = _activation_quantizer(layer.quantizer, layer.name, report)
+            layer_config["activation"] = _activation_quantizer(layer.quantizer, layer.name, report, runnable)
             weights[layer.name] = []
             continue
         if cls not in _WEIGHT_CLASSES:
