@@ -47,7 +47,7 @@ def study(model_name, batch, repeats, threads_list, log):
         model = create_model(name, num_classes=10)
         for kind, io8 in (("float32", None), ("int8", True), ("int8", False)):
             t0 = time.perf_counter()
-            content, _ = convert(model, calibration_data=calib, format=kind, int8_io=bool(io8))
+            content, _ = convert(model, calibration_data=calib, format=kind, int8_io=bool(io8), logits="int8")
             tag = f"{name}:{kind}" + ("" if io8 is None else (":int8io" if io8 else ":floatio"))
             graphs[tag] = content
             log(f"converted {tag} in {time.perf_counter() - t0:.0f} s")

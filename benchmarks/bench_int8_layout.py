@@ -110,7 +110,7 @@ def main(argv=None):
         model = _single_op(kind)
         calib = np.random.default_rng(0).normal(0, 1, (32, *model.input_shape[1:])).astype(np.float32)
         for precision in ("float32", "int8"):
-            content, _ = convert(model, calibration_data=calib, format=precision, layout="compact")
+            content, _ = convert(model, calibration_data=calib, format=precision, layout="compact", logits="int8")
             backends.append(tflite_backend(f"{kind}|{precision}", kind, content, num_threads=args.threads))
     single = sweep(backends, [1, 16], repeats=args.repeats, min_sample_s=0.05, max_batch_s=1e9, log=None)
     op_rows = []
@@ -126,7 +126,7 @@ def main(argv=None):
     graphs, backends = {}, []
     for layout in ("compact", "speed"):
         for precision in ("float32", "int8"):
-            content, _ = convert(model, calibration_data=calib, format=precision, layout=layout)
+            content, _ = convert(model, calibration_data=calib, format=precision, layout=layout, logits="int8")
             graphs[f"{layout}|{precision}"] = {"bytes": len(content), "ops": op_counts(content)}
             backends.append(tflite_backend(f"{layout}|{precision}", f"{layout} {precision}", content,
                                            num_threads=args.threads))

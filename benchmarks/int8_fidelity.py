@@ -9,12 +9,13 @@ seeds 0-2 x {Adam 1e-3, SGD 0.05 momentum 0.9}, 3 epochs at batch 64 on the 4,00
 mnist5k training images; then
 ``tfqkd.export.to_tflite(..., format="int8", calibration_data=x_train[:512])`` and
 compares the file with the Keras model on the 1,000 mnist5k test images, on each
-runtime: LiteRT (XNNPACK), TensorFlow's tf.lite interpreter and tflite-runtime
-(2.14 in its own numpy<2 venv, given with ``--tflite-runtime-python``).
+runtime: LiteRT (XNNPACK), TensorFlow's tf.lite interpreter, LiteRT's built-in
+kernels (no XNNPACK: gemmlowp's two roundings) and tflite-runtime (2.14 in its own
+numpy<2 venv, given with ``--tflite-runtime-python``).
 
 densenet21 is trained with ``integer_intermediates=True`` on a SHORT schedule
 (158 float steps, then quantized and 79 QAT steps, Adam; seed 0; the
-tests' schedule), at w8a8, w6a8 (6-bit weights, 8-bit activations) and w4a4,
+tests' schedule), at w8a8, w7a8 and w6a8 (7- and 6-bit weights, 8-bit activations) and w4a4,
 plus a plain w8a8 densenet21 (the README student's policy, BN tensors in float)
 for the runtime comparison, with TensorFlow's own post-training int8 file of its
 float model beside it (``converter_ptq_between_runtimes``).
@@ -25,9 +26,10 @@ runtimes, and ``output_grid_agreement``: the agreement of the Keras logits merel
 rounded onto the int8 output grid (ties broken as argmax does) -- the ceiling for
 any file with an int8 output.
 
-Each model is also exported with ``logits="float"`` (the same int8 body, the output
-Dense layer in float32): its figures are under ``float_logits``, with the largest
-error counted in steps of the int8 logits of the default file. Writes
+Each model is exported twice: the full-integer file (``logits="int8"``; figures under
+``runtimes``) and the default file (``logits="auto"``: the same int8 body, the output
+Dense layer in float32; figures under ``float_logits``, the largest error counted in
+steps of the int8 logits of the full-integer file). Writes
 ``results/int8_fidelity.json`` and ``.png``.
 """
 
@@ -132,10 +134,12 @@ def measure(model, data, test, runtimes, workdir, tag):
     x_test, y_test = test
     path = Path(workdir) / f"{tag}.tflite"
     result = to_tflite(model, path, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test),
-                       runtimes=runtimes, force=True)  # fmt: skip
+                       runtimes=runtimes, force=True, logits="int8")  # fmt: skip
     report = result["validation"]
-    head = to_tflite(model, path.with_name(f"{tag}_float_logits.tflite"), calibration_data=x_train[:512], format="int8",
-                     evaluation=(x_test, y_test), runtimes=runtimes, force=True, logits="float")["validation"]  # fmt: skip
+    default = to_tflite(model, path.with_name(f"{tag}_default.tflite"), calibration_data=x_train[:512], format="int8",
+                        evaluation=(x_test, y_test), runtimes=runtimes, force=True)  # fmt: skip
+    assert default["logits"] == "float", default["logits"]
+    head = default["validation"]
     keras_logits = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
     interpreter, _ = load_interpreter(path)
     scale, zero = interpreter.get_output_details()[0]["quantization"]
@@ -164,11 +168,11 @@ def plot(rows, path):
     for i, row in enumerate(rows):
         for label, figures in row["runtimes"].items():
             style = {"marker": markers[label], "color": colors[label], "alpha": 0.7}
-            axes[0].scatter(i, figures["agreement"], label=label if i == 0 else None, **style)
+            axes[0].scatter(i, figures["agreement"], label=f"{label}, int8 logits" if i == 0 else None, **style)
             axes[1].scatter(i, figures["max_output_steps"], **style)
         for label, figures in row["float_logits"]["runtimes"].items():
             style = {"marker": markers[label], "edgecolors": colors[label], "facecolors": "none", "alpha": 0.7}
-            axes[0].scatter(i + 0.3, figures["agreement"], label=f"{label}, float logits" if i == 0 else None, **style)
+            axes[0].scatter(i + 0.3, figures["agreement"], label=f"{label}, float logits (default)" if i == 0 else None, **style)
             axes[1].scatter(i + 0.3, figures["max_output_steps"], **style)
         axes[0].scatter(i, row["output_grid_agreement"], marker="_", color="k", s=80,
                         label="Keras logits on the int8 output grid" if i == 0 else None)  # fmt: skip
@@ -193,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="seed 0 only, no densenet")
     parser.add_argument("--no-densenet", action="store_true")
     args = parser.parse_args(argv)
-    runtimes = "litert,tensorflow," + (
+    runtimes = "litert,tensorflow,litert-builtin," + (
         f"tflite-runtime={args.tflite_runtime_python}" if args.tflite_runtime_python else "tflite-runtime"
     )
     data = load_arrays("mnist5k", "train")
@@ -214,11 +218,10 @@ def main(argv=None):
                         rows.append(row)
                         print(_line(row), flush=True)
         if not (args.quick or args.no_densenet):
-            # w6a8: 6-bit weight codes (|code| <= 31) leave room for the x4 code multiplier that makes
-            # the built-in kernels' two roundings of a conv's sum exact; 8-bit codes do not.
-            w6a8 = QuantPolicy.from_dict({"default": {"weight_bits": 6, "activation_bits": 8}})
-            for policy, ii in (("w8a8", True), ("w6a8", True), ("w4a4", True), ("w8a8", False)):
-                model, float_model = train_densenet(w6a8 if policy == "w6a8" else policy, ii, 0, data)
+            # w7a8, w6a8: 7- and 6-bit weight codes (|code| <= 63, 31) leave room for the x2 / x4 code
+            # multiplier that makes the built-in kernels' two roundings of a conv's sum exact; 8-bit codes do not.
+            for policy, ii in (("w8a8", True), ("w7a8", True), ("w6a8", True), ("w4a4", True), ("w8a8", False)):
+                model, float_model = train_densenet(policy, ii, 0, data)
                 row = {"model": "densenet21", "policy": policy, "integer_intermediates": ii, "seed": 0,
                        "optimizer": "adam", "schedule": "short: 158 float steps + 79 QAT steps (Adam, batch 64)"}  # fmt: skip
                 row.update(measure(model, data, test, runtimes, workdir, f"densenet21_{policy}_ii{int(ii)}"))
@@ -241,15 +244,19 @@ def main(argv=None):
     print(f"wrote {out / 'int8_fidelity.json'} and .png")
 
 
+def _short(label):
+    return "built-in" if "built-in" in label else label.split(" ")[0]
+
+
 def _line(row):
     parts = [f"{row['model']} {row['policy']}{' ii' if row.get('integer_intermediates') else ''} seed {row['seed']} "
              f"{row['optimizer']}: grid ceiling {row['output_grid_agreement']:.1f}%"]  # fmt: skip
     for label, figures in row["runtimes"].items():
-        parts.append(f"{label.split(' ')[0]} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
+        parts.append(f"{_short(label)} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
     for label, figures in row["float_logits"]["runtimes"].items():
-        parts.append(f"float logits {label.split(' ')[0]} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
+        parts.append(f"float logits {_short(label)} {figures['agreement']:.1f}% / {figures['max_output_steps']:.2f} st")
     for label, between in row["between_runtimes"].items():
-        parts.append(f"{label.split(' ')[0]} vs first: {between['max_difference']:g} st, {between['identical_outputs']:.1f}% same")
+        parts.append(f"{_short(label)} vs first: {between['max_difference']:g} st, {between['identical_outputs']:.1f}% same")
     return "; ".join(parts)
 
 

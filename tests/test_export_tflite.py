@@ -109,7 +109,8 @@ def test_integer_intermediates_int8_agrees_with_fake_quant_model(tmp_path, mnist
 def test_densenet21_w4a4_export_keeps_trained_grid(tmp_path, mnist5k):
     """The issue's criterion 2 on the full trained densenet21."""
     model = _trained("densenet21", "w4a4", mnist5k)
-    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], format="int8")
+    result = to_tflite(model, tmp_path / "d21_w4a4.tflite", calibration_data=mnist5k[0][:512], format="int8",
+                       logits="int8")  # fmt: skip
     info = read_tflite(result["path"])
     assert float_ops(info) == []
     _check_trained_grid(info, result)
@@ -119,7 +120,9 @@ def _check_agreement(tmp_path, mnist5k, name, policy, integer_intermediates, min
     x_train, _, x_test, y_test = mnist5k
     model = _trained(name, policy, mnist5k, integer_intermediates)
     out = tmp_path / f"{name}_{policy}.tflite"
-    result = to_tflite(model, out, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test))
+    # The full-integer file (integer-only targets); the default float head: tests/test_int8_fidelity.py.
+    result = to_tflite(model, out, calibration_data=x_train[:512], format="int8", evaluation=(x_test, y_test),
+                       logits="int8")  # fmt: skip
     report = result["validation"]
     assert report["examples"] == 1000
     assert report["agreement"] >= minimum, report
@@ -184,7 +187,7 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist5k, poli
     x_train = mnist5k[0]
     keras.utils.set_random_seed(1)
     model = tfqkd.quantize(_small_densenet(), policy, x_train[:128])
-    result = to_tflite(model, tmp_path / "d.tflite", calibration_data=x_train[:128])
+    result = to_tflite(model, tmp_path / "d.tflite", calibration_data=x_train[:128], logits="int8")
     info = read_tflite(result["path"])
     assert float_ops(info) == []
     assert all(t["dtype"] in ("int8", "int32") for t in info["tensors"].values())
@@ -267,7 +270,7 @@ def test_integer_intermediates_densenet_exports_exactly(tmp_path, mnist5k):
         quantizer = model.get_layer(name).quantizer
         quantizer.assign_step(quantizer.step.numpy()[0] * factor)
     out = tmp_path / "exact.tflite"
-    result = to_tflite(model, out, calibration_data=x_train[:128])
+    result = to_tflite(model, out, calibration_data=x_train[:128], logits="int8")
     info = read_tflite(out)
     assert float_ops(info) == []
     ops = [op["op"] for op in info["ops"]]
@@ -325,7 +328,8 @@ def test_float_io_int8_has_only_boundary_conversions(tmp_path, mnist5k):
     x_train, _, x_test, y_test = mnist5k
     model = _trained("kl_mlp_student", "w4a4", mnist5k)
     out = tmp_path / "float_io.tflite"
-    result = to_tflite(model, out, calibration_data=x_train[:256], int8_io=False, evaluation=(x_test, y_test))
+    result = to_tflite(model, out, calibration_data=x_train[:256], int8_io=False, evaluation=(x_test, y_test),
+                       logits="int8")  # fmt: skip
     info = read_tflite(out)
     names = [op["op"] for op in info["ops"]]
     assert names[0] == "QUANTIZE" and names[-1] == "DEQUANTIZE"

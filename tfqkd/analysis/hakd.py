@@ -118,7 +118,8 @@ def convert_tflite_int8(model, path, calibration):
     """
     path = Path(path)
     try:
-        to_tflite(model, path, calibration_data=np.asarray(calibration)[:256], format="int8", int8_io=False, force=True)
+        to_tflite(model, path, calibration_data=np.asarray(calibration)[:256], format="int8", int8_io=False, force=True,
+                  logits="int8")
         return path, "tfqkd.export.tflite"
     except TfqkdError as err:  # a float model the exporter does not take: TensorFlow's own converter
         tool = f"tf.lite.TFLiteConverter (tfqkd exporter: {str(err)[:100]})"

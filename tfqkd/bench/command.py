@@ -213,11 +213,14 @@ def benchmark(
         t0 = time.perf_counter()
         calibration_data = calibration if fmt == "int8" else None
         try:
-            content, _ = convert(source, calibration_data=calibration_data, format=fmt, int8_io=int8_io, layout=layout)
+            # The thesis' QCPU column is a full-integer file (logits="int8"), as TensorFlow's converter writes one.
+            content, _ = convert(source, calibration_data=calibration_data, format=fmt, int8_io=int8_io, layout=layout,
+                                 logits="int8")
         except TfqkdError as err:
             if fmt == "int8" and source is quant_model and float_model is not None:
                 notes.append(f"int8 from the float model by post-training quantization: {err}")
-                content, _ = convert(float_model, calibration_data=calibration, format=fmt, int8_io=int8_io, layout=layout)
+                content, _ = convert(float_model, calibration_data=calibration, format=fmt, int8_io=int8_io,
+                                     layout=layout, logits="int8")
             else:
                 raise
         if log:

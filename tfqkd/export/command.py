@@ -52,13 +52,15 @@ def add_tflite_arguments(parser):
     )
     group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
     group.add_argument(
-        "--logits", choices=("int8", "float"), default="int8",  # float_head.LOGITS (TF-free import here)
-        help="int8 model's last layer: int8 (full integer, default; MCUs/DPUs need it) or float: the same int8 body "
-        "and the output Dense in float32, so near-tie logits are not merged by int8 rounding (float32 output)",
+        "--logits", choices=("auto", "int8", "float"), default="auto",  # float_head.LOGITS (TF-free import here)
+        help="int8 model's last layer: float: the int8 body and the output Dense in float32, so near-tie logits are "
+        "not merged by int8 rounding (float32 output); int8: full integer (integer-only targets); auto (default): "
+        "float for a Dense output layer, else int8",
     )
     group.add_argument(
         "--runtimes", default="auto", metavar="NAME[=PYTHON],...",
-        help="validate each written file on these TFLite runtimes: litert, tflite-runtime, tensorflow (auto: the "
+        help="validate each written file on these TFLite runtimes: litert, tflite-runtime, tensorflow, "
+        "litert-builtin (LiteRT without XNNPACK: TFLite's built-in kernels) (auto: the "
         "first installed). NAME=PYTHON runs it with another Python, e.g. a venv with tflite-runtime 2.14 and "
         "numpy<2; a runtime that is not installed is reported in one line",
     )
@@ -241,7 +243,7 @@ def run_tflite_export(args):
             unsafe=args.unsafe,
             layout=args.layout,
             runtimes=runtimes,
-            logits=getattr(args, "logits", "int8"),
+            logits=getattr(args, "logits", "auto"),
         )
         head = " with float32 logits" if fmt == "int8" and result["logits"] == "float" else ""
         print(f"[tfqkd] {fmt}{head}: {result['path']} ({result['bytes']:,} bytes)")

@@ -5,8 +5,13 @@ calibrated logit range / 255 (about 0.13 for an mnist MLP). Even exact int8
 arithmetic then loses near ties: the Keras logits merely rounded onto that
 grid agree with the Keras argmax on only 99.4-99.8% of the mnist5k test
 images (``output_grid_agreement`` in ``benchmarks/results/int8_fidelity.json``).
-That is a property of an int8 output, not of the body, so it stays the
-default (MCUs and DPUs need integer outputs) and the float head is an option.
+That is a property of an int8 output, not of the body. The CPU file a user
+gets by default (``logits="auto"``) therefore computes a Dense output layer in
+float32: it predicts what the Keras model predicts (100.0% top-1 agreement on
+every runtime and training flow of that benchmark). ``logits="int8"`` keeps the
+full-integer file (integer-only targets: microcontrollers, the int8 comparison
+with TensorFlow's converter in ``benchmarks/``); a model whose output is not a
+Dense layer gets it under ``auto`` too.
 
 :func:`float_logits` rewrites the converted full-integer file: the body stays
 byte for byte the same; the final int8 ``FULLY_CONNECTED`` becomes
@@ -28,16 +33,39 @@ from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import pack_tflite, tflite_schema, unpack_tflite
 from tfqkd.graph import producer
 
-__all__ = ["LOGITS", "check_logits", "float_logits", "head_parameters"]
+__all__ = ["LOGITS", "apply_logits", "check_logits", "float_logits", "head_parameters"]
 
-#: How the last layer is computed: "int8" (full integer, the default) or "float" (int8 body, float32 logits).
-LOGITS = ("int8", "float")
+#: How the last layer is computed: "auto" (the default: "float" for a Dense output layer, else "int8"),
+#: "int8" (full integer) or "float" (int8 body, float32 logits).
+LOGITS = ("auto", "int8", "float")
 
 
 def check_logits(logits):
     """Raises a one-line TfqkdError for an unknown ``logits`` value."""
     if logits not in LOGITS:
         raise TfqkdError(f"unknown logits {logits!r}; use one of {', '.join(LOGITS)}")
+
+
+def apply_logits(data, graph, logits):
+    """The converted full-integer file ``data`` with its last layer computed as ``logits`` asks.
+
+    "auto" takes the float head where the model has one to take (a Dense output
+    layer) and keeps the int8 logits otherwise; "float" raises there instead.
+    Sets ``graph.int8_logit_step`` (the step of the int8 logits replaced) when
+    the head is float, so ``graph.int8_logit_step is None`` means int8 logits.
+
+    Raises:
+      TfqkdError: ``logits="float"`` for a model without a Dense output layer.
+    """
+    check_logits(logits)
+    if logits == "int8":
+        return data
+    try:
+        data, graph.int8_logit_step = float_logits(data, *head_parameters(graph))
+    except TfqkdError:
+        if logits == "float":
+            raise
+    return data
 
 
 def head_parameters(graph):

@@ -6,7 +6,10 @@ One place that knows how to load each of them (``tfqkd.export.inspect``,
 * ``litert``: ``ai_edge_litert`` (the maintained runtime, XNNPACK by default);
 * ``tflite-runtime``: ``tflite_runtime``, the runtime small ARM boards install
   (2.14 needs numpy < 2, so it usually lives in a virtual environment of its own);
-* ``tensorflow``: ``tf.lite.Interpreter``.
+* ``tensorflow``: ``tf.lite.Interpreter``;
+* ``litert-builtin``: LiteRT without its default XNNPACK delegate, i.e. TFLite's built-in
+  kernels (gemmlowp's two roundings of a requantization, as tflite-runtime 2.14 and any build
+  without XNNPACK's int8 path compute).
 
 A runtime may be given as ``NAME=PYTHON``: the file then runs in a subprocess
 of that Python interpreter (e.g. a venv with ``tflite-runtime==2.14`` and
@@ -30,8 +33,12 @@ RUNTIMES = {
     "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),
     "tflite-runtime": ("tflite_runtime.interpreter", "tflite-runtime"),
     "tensorflow": ("tensorflow.lite", "tf.lite"),
+    "litert-builtin": ("ai_edge_litert.interpreter", "ai-edge-litert built-in kernels"),
 }
-_DISTRIBUTIONS = {"litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime", "tensorflow": "tensorflow"}
+_DISTRIBUTIONS = {"litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime", "tensorflow": "tensorflow",
+                  "litert-builtin": "ai-edge-litert"}  # fmt: skip
+#: Runtimes that run without their default delegates (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES).
+_BUILTIN_KERNELS = ("litert-builtin",)
 
 
 class RuntimeUnavailable(TfqkdError):
@@ -80,7 +87,7 @@ def interpreter_class(name=None):
     if name not in RUNTIMES:
         raise TfqkdError(f"unknown TFLite runtime {name!r}; use one of {', '.join(RUNTIMES)}")
     try:
-        if name == "litert":
+        if name in ("litert", "litert-builtin"):
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
         elif name == "tflite-runtime":
             from tflite_runtime.interpreter import Interpreter, OpResolverType
@@ -126,19 +133,23 @@ def _first_available():
 _CHILD = r"""
 import json, sys
 import numpy as np
-module, dist, model_path, inputs_path, outputs_path, batch = sys.argv[1:7]
+module, dist, model_path, inputs_path, outputs_path, batch, builtin = sys.argv[1:8]
 if module == "tensorflow.lite":
     import tensorflow as tf
     Interpreter = tf.lite.Interpreter
 else:
     Interpreter = __import__(module, fromlist=["Interpreter"]).Interpreter
+options = {}
+if builtin == "1":
+    resolver = __import__(module, fromlist=["OpResolverType"]).OpResolverType
+    options["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 import importlib.metadata as md
 try:
     version = md.version(dist)
 except md.PackageNotFoundError:
     version = "?"
 x = np.load(inputs_path)
-interpreter = Interpreter(model_path=model_path)
+interpreter = Interpreter(model_path=model_path, **options)
 detail = interpreter.get_input_details()[0]
 out = []
 for start in range(0, len(x), int(batch)):
@@ -170,11 +181,13 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
       RuntimeUnavailable: the runtime is not installed (here, or in the given Python).
     """
     inputs = np.asarray(inputs)
+    builtin = runtime.name in _BUILTIN_KERNELS
     if runtime.python is None:
-        Interpreter, _, _ = interpreter_class(runtime.name)
+        Interpreter, OpResolverType, _ = interpreter_class(runtime.name)
+        options = {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if builtin else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-            interpreter = Interpreter(model_path=str(model_path))
+            interpreter = Interpreter(model_path=str(model_path), **options)
         detail = interpreter.get_input_details()[0]
         results, current = [], None
         for start in range(0, len(inputs), batch_size):
@@ -194,7 +207,7 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
         inputs_path, outputs_path = Path(tmp) / "inputs.npy", Path(tmp) / "outputs.npy"
         np.save(inputs_path, inputs)
         command = [str(python), "-c", _CHILD, RUNTIMES[runtime.name][0], _DISTRIBUTIONS[runtime.name], str(model_path), str(inputs_path),
-                   str(outputs_path), str(batch_size)]  # fmt: skip
+                   str(outputs_path), str(batch_size), "1" if builtin else "0"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from tfqkd.compat import tf
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
 from tfqkd.export.compact import compact_tflite
-from tfqkd.export.float_head import check_logits, float_logits, head_parameters
+from tfqkd.export.float_head import apply_logits, check_logits
 from tfqkd.export.integer_graph import IntegerGraph
 
 __all__ = ["FORMATS", "calibration_batches", "convert", "to_tflite", "use_int8_builtins"]
@@ -94,7 +94,7 @@ def _format(format, kind):
 
 
 def convert(
-    model, *, calibration_data=None, format="int8", int8_io=True, unsafe=False, layout="speed", logits="int8", kind=None
+    model, *, calibration_data=None, format="int8", int8_io=True, unsafe=False, layout="speed", logits="auto", kind=None
 ):
     """Converts a (quantized) Keras model to TFLite bytes.
 
@@ -105,23 +105,24 @@ def convert(
       format: "int8" (full integer, trained grid kept), "float32" or "float16"
         (weights stored as float16); the float formats compute the trained
         grids in float arithmetic, so they predict what the Keras model predicts.
-      int8_io: int8 only: int8 input and output tensors (True) or float32
-        with a QUANTIZE/DEQUANTIZE at the ends (False).
+      int8_io: int8 only: an int8 input tensor, and an int8 output where the
+        logits are int8 (True), or float32 with a QUANTIZE/DEQUANTIZE at the ends (False).
       unsafe: allow Lambda layers.
       layout: "speed" (BNs and average pools as depthwise convs, the fast int8
         graph) or "compact" (the converter's MUL/ADD and AVERAGE_POOL_2D: a
         smaller file); see :data:`tfqkd.export.integer_graph.LAYOUTS`.
-      logits: int8 only: "int8" (full integer, the default) or "float": the same
-        int8 body and the output Dense layer in float32 (DEQUANTIZE + float
-        FULLY_CONNECTED of the trained weights), so the logits are not rounded
-        onto an int8 grid; see :mod:`tfqkd.export.float_head`.
+      logits: int8 only: "float": the int8 body and the output Dense layer in
+        float32 (DEQUANTIZE + float FULLY_CONNECTED of the trained weights), so
+        the logits are not rounded onto an int8 grid; "int8": full integer;
+        "auto" (default): "float" for a Dense output layer, else "int8".
+        See :mod:`tfqkd.export.float_head`.
       kind: the old name of ``format`` (deprecated).
 
     Returns:
       ``(tflite_bytes, graph)``: the flatbuffer and the
       :class:`~tfqkd.export.integer_graph.IntegerGraph` it came from (its
       ``activation_grids`` and ``weight_grids`` are the trained scales; with
-      ``logits="float"``, ``graph.int8_logit_step`` is the step of the int8 logits replaced).
+      float logits, ``graph.int8_logit_step`` is the step of the int8 logits replaced, else None).
 
     Raises:
       TfqkdError: unsupported model, format or data, or a converter failure.
@@ -154,15 +155,15 @@ def convert(
     except Exception as err:  # the converter raises ConverterError, RuntimeError, ValueError ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TfqkdError(f"TFLite {format} conversion failed: {first[:300]}") from None
-    if format == "int8" and logits == "float":  # the float formats compute their logits in float already
-        data, graph.int8_logit_step = float_logits(data, *head_parameters(graph))
+    if format == "int8":  # the float formats compute their logits in float already
+        data = apply_logits(data, graph, logits)
     # Same lossless clean-up for every format (names, unused tensors, duplicate buffers).
     return compact_tflite(data), graph
 
 
 def to_tflite(
     model, out_path, *, calibration_data=None, format="int8", int8_io=True, evaluation=None, force=False, unsafe=False,
-    layout="speed", runtimes=None, logits="int8", kind=None,
+    layout="speed", runtimes=None, logits="auto", kind=None,
 ):
     """Exports a quantized Keras model to a .tflite file.
 
@@ -179,7 +180,8 @@ def to_tflite(
       calibration_data: training inputs (array, (x, y) or tf.data.Dataset) for
         the ranges of tensors the model keeps in float; required for int8.
       format: "int8", "float32" or "float16".
-      int8_io: int8 input/output tensors (else float32 with QUANTIZE/DEQUANTIZE).
+      int8_io: an int8 input tensor and, with int8 logits, an int8 output (else
+        float32 with QUANTIZE/DEQUANTIZE).
       evaluation: optional ``(x, y)`` arrays: validate the file with the edge
         runtime and write ``<out_path>.validation.json``.
       force: overwrite an existing file.
@@ -187,9 +189,10 @@ def to_tflite(
       layout: "speed" or "compact" graph (see :func:`convert`).
       runtimes: with ``evaluation``: the runtimes to validate on (e.g. ``"litert,tflite-runtime"``,
         see :func:`tfqkd.export.runtimes.parse_runtimes`; None: the first installed).
-      logits: int8 only: "int8" (default, full integer: what MCUs and DPUs run) or
-        "float" (int8 body, float32 output Dense layer: no int8 rounding of the logits,
-        whose near ties otherwise cost 0.2-0.6% top-1 agreement on an mnist MLP).
+      logits: int8 only: "auto" (default: "float" for a Dense output layer, else
+        "int8"), "float" (int8 body, float32 output Dense layer: no int8 rounding of
+        the logits, whose near ties otherwise cost 0.1-0.6% top-1 agreement on an
+        mnist MLP) or "int8" (full integer, for integer-only targets).
       kind: the old name of ``format`` (deprecated).
 
     Returns:
@@ -216,7 +219,7 @@ def to_tflite(
         "path": str(out_path),
         "format": format,
         "layout": layout,
-        "logits": logits if format == "int8" else "float",
+        "logits": "int8" if format == "int8" and graph.int8_logit_step is None else "float",
         "int8_io": bool(int8_io) if format == "int8" else False,
         "bytes": out_path.stat().st_size,
         "activation_scales": {name: grid.scale for name, grid in graph.activation_grids.items()},
