@@ -161,7 +161,7 @@ def measure(model, data, test, runtimes, workdir, tag):
 
 def plot(rows, path):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     labels = sorted({label for row in rows for label in row["runtimes"]})
     markers = dict(zip(labels, "osd^v"))
     colors = dict(zip(labels, ("C0", "C1", "C2", "C3", "C4")))
@@ -184,8 +184,8 @@ def plot(rows, path):
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(names, rotation=90, fontsize=6)
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=6, loc="lower center", ncol=3)  # clear of the points
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     save_figure(fig, path)
 
 
