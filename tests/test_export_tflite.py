@@ -471,11 +471,31 @@ def test_command_exports_run_directory(tmp_path, mnist5k, capsys):
     validation = json.loads((out / "student_ss_int8.tflite.validation.json").read_text())
     assert validation["agreement"] >= 99.5
     printed = capsys.readouterr().out
-    assert "agreement" in printed
+    assert "agreement" in printed and "int8 with float32 logits" in printed  # logits="auto": a Dense output
+    assert "note:" not in printed  # nothing the Keras model keeps in float is rounded in int8
     assert f"int8/float32 bytes: {size['int8_to_float32']:.3f} (speed layout; --layout compact" in printed
     with pytest.raises(TfqkdError, match="--force"):
         run_tflite_export(_export_args(run, out, "--format", "int8"))
     assert run_tflite_export(_export_args(run, out, "--kind", "int8", "--force", "--float-io")) == 0
+
+
+def test_residual_add_inputs_rounded_in_int8_are_named(tmp_path, mnist5k, capsys):
+    """A ResNet's Add sums float BN / shortcut outputs in Keras; int8 rounds each onto a calibrated 8-bit
+    grid first. The export names them (a trained w4a4 resnet8: 81% agreement, 60 output steps, see README)."""
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(tfqkd.create_model("resnet8", num_classes=10, input_shape=(28, 28, 1)), "w4a4",
+                           mnist5k[0][:64])  # fmt: skip
+    result = to_tflite(model, tmp_path / "r.tflite", calibration_data=mnist5k[0][:64])
+    assert result["rounded_add_inputs"] == ["stem_bn", "stack1_bn2", "stack2_bn2", "stack2_shortcut_conv",
+                                            "stack3_bn2", "stack3_shortcut_conv"]  # fmt: skip
+    mlp = tfqkd.quantize(tfqkd.create_model("kl_mlp_student", num_classes=10, input_shape=(28, 28, 1)), "w4a4",
+                         mnist5k[0][:64])  # fmt: skip
+    assert to_tflite(mlp, tmp_path / "m.tflite", calibration_data=mnist5k[0][:64])["rounded_add_inputs"] == []
+    model.save(tmp_path / "resnet8.h5")
+    assert run_tflite_export(_export_args(tmp_path / "resnet8.h5", tmp_path / "out", "--format", "int8",
+                                                "--dataset", "mnist5k")) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "6 tensors that residual Adds sum in float" in notes[0] and "stem_bn" in notes[0], notes
 
 
 def test_cli_layout_choices_are_the_exporters():

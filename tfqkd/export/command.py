@@ -248,12 +248,20 @@ def run_tflite_export(args):
         head = " with float32 logits" if fmt == "int8" and result["logits"] == "float" else ""
         print(f"[tfqkd] {fmt}{head}: {result['path']} ({result['bytes']:,} bytes)")
         print(f"[tfqkd]   {format_report(result['validation'])}", flush=True)
+        added = result["rounded_add_inputs"]
+        if added:
+            print(
+                f"[tfqkd]   note: {len(added)} tensors that residual Adds sum in float in the Keras model (e.g. "
+                f"{added[0]}) are rounded onto calibrated 8-bit grids in int8, so the file departs from the Keras "
+                "model by more than its own rounding; integer_intermediates does not train grids for them yet",
+                flush=True,
+            )
         rounded = result["rounded_batchnorm"]
         if rounded:
+            advice = "" if added else "; for an exact export train with `integer_intermediates: true` in the policy"
             print(
                 f"[tfqkd]   note: {len(rounded)} BatchNormalization layers (e.g. {rounded[0]}) run in float in the "
-                "Keras model and are rounded in int8; for an exact export train with `integer_intermediates: true` "
-                "in the policy",
+                f"Keras model and are rounded in int8{advice}",
                 flush=True,
             )
     report = size_report(model, targets)

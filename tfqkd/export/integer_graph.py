@@ -101,6 +101,14 @@ class _Reusable:
         return self.value
 
 
+def _feeds_add(layer, consumers):
+    """Whether ``layer``'s output reaches a keras Add layer, directly or through a plain ReLU."""
+    users = consumers.get(id(layer.output), [])
+    relus = [u for u in users if type(u).__name__ == "ReLU" and _plain_relu(u)]
+    users = users + [v for relu in relus for v in consumers.get(id(relu.output), [])]
+    return any(isinstance(u, keras.layers.Add) for u in users)
+
+
 class IntegerGraph:
     """The exportable twin of a quantized (or float) functional Keras model.
 
@@ -116,6 +124,9 @@ class IntegerGraph:
       rounded_batchnorms: BN layers that the Keras model computes in float
         and the int8 model rounds (neither folded nor exact); empty for a
         model quantized with ``integer_intermediates``.
+      rounded_add_inputs: layers whose float output a residual Add sums in the
+        Keras model and the int8 model rounds onto calibrated 8-bit grids first
+        (``integer_intermediates`` does not train grids for them yet).
     """
 
     def __init__(self, model, unsafe=False, layout="speed"):
@@ -178,6 +189,7 @@ class IntegerGraph:
             for name in self._layers_needing_ranges(consumers)
             if name not in self.pooled_first and name not in self.concat_windows
         ]
+        self.rounded_add_inputs = [name for name in self.range_layers if _feeds_add(model.get_layer(name), consumers)]
 
     def code_multipliers(self):
         """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""

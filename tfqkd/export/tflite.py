@@ -199,7 +199,9 @@ def to_tflite(
       dict with ``path``, ``format``, ``layout``, ``logits``, ``bytes``, ``activation_scales`` (trained
       steps of each activation quantizer), ``weight_scales``, ``weight_code_multipliers``,
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
-      does not: train with ``integer_intermediates`` to make it exact) and, with
+      does not: train with ``integer_intermediates`` to make it exact),
+      ``rounded_add_inputs`` (tensors a residual Add sums in float in the Keras model
+      and the int8 model rounds first; no policy makes them exact yet) and, with
       ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
 
     Raises:
@@ -228,6 +230,7 @@ def to_tflite(
         "weight_code_multipliers": graph.code_multipliers() if format == "int8" else {},
         "folded_batchnorm": {name: bn for name, (_, bn) in graph.weight_grids.items() if bn},
         "rounded_batchnorm": list(graph.rounded_batchnorms) if format == "int8" else [],
+        "rounded_add_inputs": list(graph.rounded_add_inputs) if format == "int8" else [],
     }
     if evaluation is not None:
         from tfqkd.export.validate import validate_tflite
