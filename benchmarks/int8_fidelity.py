@@ -160,6 +160,10 @@ def measure(model, data, test, runtimes, workdir, tag):
     return row
 
 
+#: Lowest agreement drawn to scale; a row below it (resnet8) is drawn at the axis with its value written.
+_AGREEMENT_FLOOR = 99.0
+
+
 def plot(rows, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
@@ -169,17 +173,25 @@ def plot(rows, path):
     for i, row in enumerate(rows):
         for label, figures in row["runtimes"].items():
             style = {"marker": markers[label], "color": colors[label], "alpha": 0.7}
-            axes[0].scatter(i, figures["agreement"], label=f"{label}, int8 logits" if i == 0 else None, **style)
+            axes[0].scatter(i, max(figures["agreement"], _AGREEMENT_FLOOR), label=f"{label}, int8 logits" if i == 0 else None,
+                            **style)  # fmt: skip
             axes[1].scatter(i, figures["max_output_steps"], **style)
         for label, figures in row["float_logits"]["runtimes"].items():
             style = {"marker": markers[label], "edgecolors": colors[label], "facecolors": "none", "alpha": 0.7}
-            axes[0].scatter(i + 0.3, figures["agreement"], label=f"{label}, float logits (default)" if i == 0 else None, **style)
+            axes[0].scatter(i + 0.3, max(figures["agreement"], _AGREEMENT_FLOOR),
+                            label=f"{label}, float logits (default)" if i == 0 else None, **style)  # fmt: skip
             axes[1].scatter(i + 0.3, figures["max_output_steps"], **style)
         axes[0].scatter(i, row["output_grid_agreement"], marker="_", color="k", s=80,
                         label="Keras logits on the int8 output grid" if i == 0 else None)  # fmt: skip
+        lowest = min(f["agreement"] for f in row["runtimes"].values())
+        if lowest < _AGREEMENT_FLOOR:
+            axes[0].annotate(f"{lowest:.0f}", (i, _AGREEMENT_FLOOR), xytext=(0, 6), textcoords="offset points",
+                             fontsize=6, ha="center")  # fmt: skip
     axes[0].axhline(GOAL["agreement"], color="r", lw=0.8, ls="--")
     axes[1].axhline(GOAL["max_output_steps"], color="r", lw=0.8, ls="--")
+    axes[0].set_ylim(_AGREEMENT_FLOOR - 0.05, 100.05)
     axes[1].set_yscale("symlog", linthresh=2.0)  # linear up to the goal; resnet8's tens of steps above it
+    axes[1].set_ylim(bottom=0)
     names = [f"{r['model'][:6]} {r['policy']}{' ii' if r.get('integer_intermediates') else ''} {r.get('optimizer', '')}{r['seed']}"
              for r in rows]  # fmt: skip
     for ax, title in zip(axes, ("top-1 agreement with Keras (%)", "largest logit error (int8 output steps)")):
