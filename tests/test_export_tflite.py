@@ -481,7 +481,7 @@ def test_command_exports_run_directory(tmp_path, mnist5k, capsys):
 
 def test_residual_add_inputs_rounded_in_int8_are_named(tmp_path, mnist5k, capsys):
     """A ResNet's Add sums float BN / shortcut outputs in Keras; int8 rounds each onto a calibrated 8-bit
-    grid first. The export names them (a trained w4a4 resnet8: 81% agreement, 60 output steps, see README)."""
+    grid first. The export names them (int8_fidelity.json: resnet8 w4a4 70.4% agreement, 39.93 output steps)."""
     keras.utils.set_random_seed(0)
     model = tfqkd.quantize(tfqkd.create_model("resnet8", num_classes=10, input_shape=(28, 28, 1)), "w4a4",
                            mnist5k[0][:64])  # fmt: skip
