@@ -50,7 +50,9 @@ def add_tflite_arguments(parser):
         "--format", "--kind", dest="format", default="all", choices=("int8", "float32", "float16", "all"),
         help="which TFLite model(s) to write (--kind is its old name)",
     )
-    group.add_argument("--float-io", action="store_true", help="int8 model with float32 input/output (default int8 io)")
+    group.add_argument("--float-io", action="store_true",
+                       help="int8 model with a float32 input and output (default: an int8 input, and an int8 output "
+                       "with --logits int8)")  # fmt: skip
     group.add_argument(
         "--logits", choices=("auto", "int8", "float"), default="auto",  # float_head.LOGITS (TF-free import here)
         help="int8 model's last layer: float: the int8 body and the output Dense in float32, so near-tie logits are "
