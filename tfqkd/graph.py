@@ -10,8 +10,8 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [
-    "as_functional", "config_consumers", "config_outputs", "inbound_names", "producer", "single_producer",
-    "tensor_consumers",
+    "as_functional", "config_consumers", "config_outputs", "inbound_names", "is_plain_relu", "producer",
+    "single_producer", "tensor_consumers",
 ]  # fmt: skip
 
 
@@ -35,6 +35,14 @@ def as_functional(model, what="quantize()"):
     if not getattr(model, "_is_graph_network", False):
         raise TfqkdError(f"{what} needs a functional or Sequential Keras model, not a subclassed one")
     return model
+
+
+def is_plain_relu(layer):
+    """Whether ``layer`` is a ReLU layer with no cap, slope or threshold (a pass may look through it: it keeps
+    every grid, and int8 lowers it as a clamp at the zero point)."""
+    if type(layer).__name__ != "ReLU":
+        return False
+    return not (getattr(layer, "max_value", None) or getattr(layer, "negative_slope", 0) or getattr(layer, "threshold", 0))
 
 
 def producer(tensor):

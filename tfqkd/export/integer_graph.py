@@ -69,7 +69,7 @@ from tfqkd.export.integer_points import (
     OUTPUT_MARGIN, ActivationPoint, ChannelAffine, GlobalMean, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
     channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
 )  # fmt: skip
-from tfqkd.graph import as_functional, producer, tensor_consumers
+from tfqkd.graph import as_functional, is_plain_relu, producer, tensor_consumers
 from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.grid import Grid
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
@@ -87,10 +87,6 @@ LAYOUTS = ("speed", "compact")
 _FOLDABLE_PRODUCERS = (QConv2D,)
 
 
-def _plain_relu(layer):
-    return not getattr(layer, "max_value", None) and not getattr(layer, "negative_slope", 0) and not getattr(layer, "threshold", 0)
-
-
 class _Reusable:
     """A computed tensor that Keras' ``Node.map_arguments`` may ``pop()`` any number of times."""
 
@@ -104,7 +100,7 @@ class _Reusable:
 def _feeds_add(layer, consumers):
     """Whether ``layer``'s output reaches a keras Add layer, directly or through a plain ReLU."""
     users = consumers.get(id(layer.output), [])
-    relus = [u for u in users if type(u).__name__ == "ReLU" and _plain_relu(u)]
+    relus = [u for u in users if is_plain_relu(u)]
     users = users + [v for relu in relus for v in consumers.get(id(relu.output), [])]
     return any(isinstance(u, keras.layers.Add) for u in users)
 
@@ -218,7 +214,7 @@ class IntegerGraph:
                 if len(users) == 1 and users[0].name in self._identity:
                     users = consumers.get(id(users[0].output), [])
                 relu = own_relu
-                if not relu and len(users) == 1 and type(users[0]).__name__ == "ReLU" and _plain_relu(users[0]):
+                if not relu and len(users) == 1 and is_plain_relu(users[0]):
                     relu = True
                     users = consumers.get(id(users[0].output), [])
                 grid = self._shared_grid(users)
@@ -255,7 +251,7 @@ class IntegerGraph:
             if source.name not in self.activation_grids:
                 continue
             users = consumers.get(id(layer.output), [])
-            if len(users) != 1 or type(users[0]).__name__ != "ReLU" or not _plain_relu(users[0]):
+            if len(users) != 1 or not is_plain_relu(users[0]):
                 continue
             target = self._shared_grid(consumers.get(id(users[0].output), []))
             if target is None:
@@ -410,7 +406,7 @@ class IntegerGraph:
             if len(users) == 1 and users[0].name in self._identity:
                 last = users[0]
                 users = consumers.get(id(last.output), [])
-            if len(users) == 1 and type(users[0]).__name__ == "ReLU" and _plain_relu(users[0]):
+            if len(users) == 1 and is_plain_relu(users[0]):
                 users = consumers.get(id(users[0].output), [])
             if users and all(isinstance(u, QActivation) for u in users):
                 continue

@@ -25,7 +25,7 @@ import numpy as np
 import qkeras
 
 from tfqkd.compat import keras, tf
-from tfqkd.graph import producer, single_producer
+from tfqkd.graph import is_plain_relu, producer, single_producer
 from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer, odd_ratio, odd_ratio_parts
 
 __all__ = [
@@ -130,18 +130,11 @@ def _single_consumer(layer):
     return next(iter(consumers.values())) if len(consumers) == 1 else None
 
 
-def _is_plain_relu(layer):
-    """Whether ``layer`` is a ReLU layer with no cap, slope or threshold (it keeps every grid)."""
-    if type(layer).__name__ != "ReLU":
-        return False
-    return not (getattr(layer, "max_value", None) or getattr(layer, "negative_slope", 0) or getattr(layer, "threshold", 0))
-
-
 def _rounding_quantizer(layer):
     """``(quantizer, area)``: the learned-step QActivation that rounds ``layer``'s output, straight or
     through a plain ReLU, a Concatenate or a non-overlapping average pool of ``area`` values; or None."""
     area, consumer = 1, _single_consumer(layer)
-    if isinstance(consumer, keras.layers.Concatenate) or _is_plain_relu(consumer):
+    if isinstance(consumer, keras.layers.Concatenate) or is_plain_relu(consumer):
         consumer = _single_consumer(consumer)
     elif isinstance(consumer, keras.layers.AveragePooling2D):
         if consumer.padding != "valid" or tuple(consumer.strides) != tuple(consumer.pool_size):
@@ -386,7 +379,7 @@ def gain_codes(ratio, split=False):
 def _learned_output_step(layer):
     """The step tensor of the learned-step QActivation that reads ``layer``'s output through one plain ReLU, or None."""
     relu = _single_consumer(layer)
-    if not _is_plain_relu(relu):
+    if not is_plain_relu(relu):
         return None
     quantizer = _learned_quantizer(_single_consumer(relu))
     return None if quantizer is None else quantizer.step
