@@ -203,6 +203,24 @@ def test_densenet_int8_keeps_trained_grid_and_is_integer(tmp_path, mnist5k, poli
         _check_trained_grid(info, result)
 
 
+@pytest.mark.parametrize("layout", ["speed", "compact"])
+def test_concat_chain_shares_one_scale(tmp_path, mnist5k, layout):
+    """A DenseNet block's concat chain is one int8 scale, as in TensorFlow's own file: no QUANTIZE
+    requantizes a joined tensor (XNNPACK rounds one with an 8-bit multiplier, the built-in kernels with
+    a 31-bit one; the README student's file had five, and its runtimes disagreed by 8 output steps)."""
+    x_train = mnist5k[0]
+    keras.utils.set_random_seed(0)
+    model = tfqkd.quantize(tfqkd.create_model("densenet21", num_classes=10, input_shape=(28, 28, 1)), "w8a8", x_train[:64])
+    result = to_tflite(model, tmp_path / "d.tflite", calibration_data=x_train[:64], logits="int8", layout=layout)
+    info = read_tflite(result["path"])
+    assert "QUANTIZE" not in {op["op"] for op in info["ops"]}
+    concats = [op for op in info["ops"] if op["op"] == "CONCATENATION"]
+    assert len(concats) == 8
+    for op in concats:
+        grids = {(*info["tensors"][i]["scales"], *info["tensors"][i]["zero_points"]) for i in op["inputs"] + op["outputs"]}
+        assert len(grids) == 1, grids
+
+
 def test_layouts_compute_the_same_model(tmp_path, mnist5k):
     """The speed layout's depthwise BNs and pools are the model's arithmetic (float32: to 1e-5)."""
     x_train, _, x_test, y_test = mnist5k

@@ -186,6 +186,7 @@ class IntegerGraph:
             if name not in self.pooled_first and name not in self.concat_windows
         ]
         self.rounded_add_inputs = [name for name in self.range_layers if _feeds_add(model.get_layer(name), consumers)]
+        self.shared_ranges = self._shared_range_groups(consumers)
 
     def code_multipliers(self):
         """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""
@@ -386,6 +387,50 @@ class IntegerGraph:
                 found[layer.name] = inputs
         return found
 
+    def _shared_range_groups(self, consumers):
+        """Groups of :attr:`range_layers` whose tensors a Concatenate (or a pool) joins: one range each.
+
+        TFLite's CONCATENATION, MAX_POOL_2D and AVERAGE_POOL_2D compute on one scale. Joined
+        tensors calibrated to different ranges are requantized by the converter with QUANTIZE:
+        a rounding the Keras model (float there) does not have, which XNNPACK computes with an
+        8-bit multiplier and TFLite's built-in kernels with a 31-bit one, so the runtimes
+        disagreed by a code on many requantized values (the README student's file: outputs up to
+        8 steps apart between them, TensorFlow's own file 5). The converter, calibrating a float
+        model itself, gives a DenseNet's concat chain one scale; so does this: each group gets
+        the union of its calibrated ranges. A joined tensor without a range of its own (a pool
+        lowered as a depthwise conv) gets one here, so the union covers its values too.
+        """
+        joins = (keras.layers.Concatenate, keras.layers.MaxPooling2D) + (
+            (keras.layers.AveragePooling2D,) if self.layout == "compact" else ()
+        )
+        on_grid = set(self.activation_grids) | set(self.concat_windows) | self._pool_identity
+        parent = {}
+
+        def root(name):
+            while parent.get(name, name) != name:
+                name = parent[name]
+            return name
+
+        def join(a, b):
+            parent[root(a)] = root(b)
+
+        for layer in self.model.layers:
+            if not isinstance(layer, joins):
+                continue
+            for tensor in tf.nest.flatten(layer.input):
+                source = producer(tensor)
+                if is_plain_relu(source) and producer(source.input).name in self.range_layers:
+                    source = producer(source.input)
+                if isinstance(source, joins) or source.name in self.range_layers:
+                    join(source.name, layer.name)
+                elif source.name not in on_grid and not isinstance(source, keras.layers.InputLayer):
+                    self.range_layers.append(source.name)
+                    join(source.name, layer.name)
+        groups = {}
+        for name in self.range_layers:
+            groups.setdefault(root(name), []).append(name)
+        return [group for group in groups.values() if len(group) > 1]
+
     def _layers_needing_ranges(self, consumers):
         """Layers whose float output gets a calibrated fake-quant range.
 
@@ -447,6 +492,9 @@ class IntegerGraph:
         for (name, (input_grid, output, _)), counts in zip(tuned, density):
             self.points[name].tune(input_grid, output, density=counts)
         out_name = producer(self.model.outputs[0]).name
+        for group in self.shared_ranges:
+            members = [self.range_layers.index(name) for name in group]
+            lows[members], highs[members] = lows[members].min(), highs[members].max()
         for name, lo, hi in zip(self.range_layers, lows, highs):
             if name == out_name:
                 # Logits of unseen inputs exceed the calibration extremes more often than
