@@ -186,7 +186,7 @@ class IntegerGraph:
             if name not in self.pooled_first and name not in self.concat_windows
         ]
         self.rounded_add_inputs = [name for name in self.range_layers if _feeds_add(model.get_layer(name), consumers)]
-        self.shared_ranges = self._shared_range_groups(consumers)
+        self.shared_ranges = self._shared_range_groups()
 
     def code_multipliers(self):
         """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""
@@ -387,7 +387,7 @@ class IntegerGraph:
                 found[layer.name] = inputs
         return found
 
-    def _shared_range_groups(self, consumers):
+    def _shared_range_groups(self):
         """Groups of :attr:`range_layers` whose tensors a Concatenate (or a pool) joins: one range each.
 
         TFLite's CONCATENATION, MAX_POOL_2D and AVERAGE_POOL_2D compute on one scale. Joined
