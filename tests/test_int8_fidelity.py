@@ -136,6 +136,28 @@ def test_missing_runtime_in_process_is_one_line():
         pytest.skip("tflite_runtime is installed in this interpreter")
 
 
+def test_tf_lite_fallback_interpreter_is_quiet():
+    """Without LiteRT, validation and benchmarks read files with tf.lite.Interpreter, whose constructor
+    warns in five lines that it is deprecated; a user of `pip install .` saw them after every export."""
+    import warnings
+
+    from tfqkd.compat import tf
+    from tfqkd.export.runtimes import quiet_interpreter
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        tf.lite.Interpreter(model_content=content)
+    assert any("LiteRT" in str(w.message) for w in plain)  # what is silenced exists in this TensorFlow
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        interpreter = quiet_interpreter(tf.lite.Interpreter, model_content=content)
+    assert not quiet
+    interpreter.allocate_tensors()
+    assert interpreter.get_output_details()[0]["shape"].tolist() == [1, 2]
+
+
 # -- tflite-runtime 2.14 in its own virtual environment ------------------------------------------
 
 _VENV = Path(os.environ.get("TFQKD_TFLITE_RUNTIME_VENV", Path.home() / ".cache" / "tfqkd" / "venv-tflite-runtime-2.14"))

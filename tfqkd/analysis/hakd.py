@@ -30,7 +30,7 @@ import numpy as np
 from tfqkd import atomic
 from tfqkd.compat import keras, tf
 from tfqkd.errors import TfqkdError
-from tfqkd.export.runtimes import interpreter_class
+from tfqkd.export.runtimes import interpreter_class, quiet_interpreter
 from tfqkd.export.tflite import calibration_batches, to_tflite, use_int8_builtins
 from tfqkd.export.validate import quantize_inputs, run_tflite
 from tfqkd.plotting import pyplot, save_figure
@@ -131,7 +131,7 @@ def convert_tflite_int8(model, path, calibration):
 
 def _interpreter(path, threads=1):
     Interpreter, _, _ = interpreter_class("tensorflow")  # the runtime tflite_accuracy reads with
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter = quiet_interpreter(Interpreter, model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
     return interpreter
 

@@ -48,6 +48,8 @@ def make_interpreter(model_content, *, batch_size=1, num_threads=None, xnnpack=T
     Raises:
         TfqkdError: the model has not exactly one input or cannot be resized.
     """
+    from tfqkd.export.runtimes import quiet_interpreter
+
     Interpreter, resolver, _ = interpreter_class()
     kwargs = {"model_content": bytes(model_content)}
     if num_threads is not None:
@@ -59,10 +61,10 @@ def make_interpreter(model_content, *, batch_size=1, num_threads=None, xnnpack=T
     if latest_features:
         kwargs["experimental_default_delegate_latest_features"] = True
     try:
-        interpreter = Interpreter(**kwargs)
+        interpreter = quiet_interpreter(Interpreter, **kwargs)
     except TypeError:  # an older runtime without the option
         kwargs.pop("experimental_default_delegate_latest_features", None)
-        interpreter = Interpreter(**kwargs)
+        interpreter = quiet_interpreter(Interpreter, **kwargs)
     inputs = interpreter.get_input_details()
     if len(inputs) != 1:
         raise TfqkdError(f"benchmarks need a single-input model, this TFLite model has {len(inputs)} inputs")

@@ -32,13 +32,13 @@ def load_interpreter(model_path=None, model_content=None, *, preserve_all_tensor
     Returns:
       ``(interpreter, runtime_name)``.
     """
-    from tfqkd.export.runtimes import RUNTIMES, interpreter_class
+    from tfqkd.export.runtimes import RUNTIMES, interpreter_class, quiet_interpreter
 
     kwargs = {"model_path": None if model_path is None else str(model_path), "model_content": model_content}
     if preserve_all_tensors:
         kwargs["experimental_preserve_all_tensors"] = True
     Interpreter, _, name = interpreter_class(None)
-    return Interpreter(**kwargs), RUNTIMES[name][1]
+    return quiet_interpreter(Interpreter, **kwargs), RUNTIMES[name][1]
 
 
 def read_tflite(model_path=None, model_content=None):

@@ -104,6 +104,14 @@ def interpreter_class(name=None):
     return Interpreter, OpResolverType, name
 
 
+def quiet_interpreter(Interpreter, **kwargs):  # noqa: N803 - a class
+    """``Interpreter(**kwargs)`` without tf.lite.Interpreter's five-line deprecation notice (the fallback
+    runtime where LiteRT is not installed: ``pip install "tfqkd[edge]"`` gets it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Interpreter(**kwargs)
+
+
 def available(name):
     """Whether runtime ``name`` can be imported in this process."""
     try:
@@ -185,9 +193,7 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
     if runtime.python is None:
         Interpreter, OpResolverType, _ = interpreter_class(runtime.name)
         options = {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if builtin else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-            interpreter = Interpreter(model_path=str(model_path), **options)
+        interpreter = quiet_interpreter(Interpreter, model_path=str(model_path), **options)
         detail = interpreter.get_input_details()[0]
         results, current = [], None
         for start in range(0, len(inputs), batch_size):
