@@ -185,8 +185,9 @@ class IntegerGraph:
             for name in self._layers_needing_ranges(consumers)
             if name not in self.pooled_first and name not in self.concat_windows
         ]
-        self.rounded_add_inputs = [name for name in self.range_layers if _feeds_add(model.get_layer(name), consumers)]
+        # Before anything reads range_layers: it adds the joined tensors that had no range.
         self.shared_ranges = self._shared_range_groups()
+        self.rounded_add_inputs = [name for name in self.range_layers if _feeds_add(model.get_layer(name), consumers)]
 
     def code_multipliers(self):
         """``{layer name: k}``: the int8 file stores each weighted layer's trained codes times ``k``."""
