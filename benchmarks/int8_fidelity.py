@@ -18,8 +18,9 @@ densenet21 is trained with ``integer_intermediates=True`` on a SHORT schedule
 tests' schedule), at w8a8, w7a8 and w6a8 (7- and 6-bit weights, 8-bit activations) and w4a4,
 plus a plain w8a8 densenet21 (the README student's policy, BN tensors in float)
 for the runtime comparison, with TensorFlow's own post-training int8 file of its
-float model beside it (``converter_ptq_between_runtimes``), and resnet8 at w8a8
-and w4a4 on the same schedule (its residual Adds sum tensors that int8 rounds first).
+float model beside it (``converter_ptq_between_runtimes``), and resnet8 on the same
+schedule: plain at w8a8 and w4a4 (its residual Adds sum float tensors that int8 rounds
+first), and with ``integer_intermediates`` at w8a8, w7a8 and w4a4.
 
 Per file: top-1 agreement, largest logit error in logits and in output steps
 (the int8 output tensor's scale) per runtime, the largest difference between
@@ -243,13 +244,13 @@ def main(argv=None):
                     row["converter_ptq_between_runtimes"] = converter_between_runtimes(float_model, data, test, runtimes, workdir)
                 rows.append(row)
                 print(_line(row), flush=True)
-            # A residual network: its Adds sum float tensors in Keras that int8 rounds first (no
-            # integer_intermediates for them yet), the gap the export's rounded_add_inputs names.
-            for policy in ("w8a8", "w4a4"):
-                model, _ = train_cnn("resnet8", policy, False, 0, data)
-                row = {"model": "resnet8", "policy": policy, "integer_intermediates": False, "seed": 0,
+            # A residual network: plain, its Adds sum float tensors in Keras that int8 rounds first (the
+            # export's rounded_add_inputs); with integer_intermediates both inputs and the sum share one grid.
+            for policy, ii in (("w8a8", False), ("w4a4", False), ("w8a8", True), ("w7a8", True), ("w4a4", True)):
+                model, _ = train_cnn("resnet8", policy, ii, 0, data)
+                row = {"model": "resnet8", "policy": policy, "integer_intermediates": ii, "seed": 0,
                        "optimizer": "adam", "schedule": "short: 158 float steps + 79 QAT steps (Adam, batch 64)"}  # fmt: skip
-                row.update(measure(model, data, test, runtimes, workdir, f"resnet8_{policy}"))
+                row.update(measure(model, data, test, runtimes, workdir, f"resnet8_{policy}_ii{int(ii)}"))
                 rows.append(row)
                 print(_line(row), flush=True)
     out = Path(args.out)

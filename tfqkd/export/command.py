@@ -255,7 +255,8 @@ def run_tflite_export(args):
             print(
                 f"[tfqkd]   note: {len(added)} tensors that residual Adds sum in float in the Keras model (e.g. "
                 f"{added[0]}) are rounded onto calibrated 8-bit grids in int8, so the file departs from the Keras "
-                "model by more than its own rounding; integer_intermediates does not train grids for them yet",
+                "model by more than its own rounding; for an exact export train with `integer_intermediates: true` "
+                "in the policy",
                 flush=True,
             )
         rounded = result["rounded_batchnorm"]

@@ -122,7 +122,7 @@ class IntegerGraph:
         model quantized with ``integer_intermediates``.
       rounded_add_inputs: layers whose float output a residual Add sums in the
         Keras model and the int8 model rounds onto calibrated 8-bit grids first
-        (``integer_intermediates`` does not train grids for them yet).
+        (empty for a model quantized with ``integer_intermediates``).
     """
 
     def __init__(self, model, unsafe=False, layout="speed"):
@@ -166,6 +166,7 @@ class IntegerGraph:
             elif type(layer).__module__.startswith("qkeras"):
                 raise TfqkdError(f"layer '{layer.name}': QKeras layer {type(layer).__name__} is not supported by the exporter")
         self.channel_affines = self._exact_batchnorms(consumers)
+        self.requantizations = self._requantizations()
         self.global_means = self._global_means(consumers)
         self.pooled_first = self._pooled_first(consumers)
         self._pool_identity = {pool.name for pool, _ in self.pooled_first.values()}
@@ -240,8 +241,8 @@ class IntegerGraph:
         return self.activation_grids[layers[0].name]
 
     def _exact_batchnorms(self, consumers):
-        """Unfolded BNs whose input is an activation quantizer's output and whose output feeds
-        only a ReLU that feeds only activation quantizers of one grid (``integer_intermediates``)."""
+        """Unfolded BNs whose input is an activation quantizer's output and whose output feeds only
+        activation quantizers of one grid, through a ReLU or straight (``integer_intermediates``)."""
         found = {}
         for layer in self.model.layers:
             if not isinstance(layer, keras.layers.BatchNormalization) or layer.name in self._identity:
@@ -253,12 +254,30 @@ class IntegerGraph:
             if source.name not in self.activation_grids:
                 continue
             users = consumers.get(id(layer.output), [])
-            if len(users) != 1 or not is_plain_relu(users[0]):
-                continue
-            target = self._shared_grid(consumers.get(id(users[0].output), []))
+            relu = len(users) == 1 and is_plain_relu(users[0])
+            target = self._shared_grid(consumers.get(id(users[0].output), []) if relu else users)
             if target is None:
                 continue
-            found[layer.name] = ChannelAffine.batchnorm(layer, int(shape[-1]), self.activation_grids[source.name], target)
+            found[layer.name] = ChannelAffine.batchnorm(
+                layer, int(shape[-1]), self.activation_grids[source.name], target, relu=relu
+            )
+        return found
+
+    def _requantizations(self):
+        """Activation quantizers reading another trained grid, straight or through a ReLU (after a
+        residual Add, ``integer_intermediates``): ``{quantizer name: ChannelAffine}``, exact where
+        the converter's QUANTIZE is not (see :class:`ChannelAffine`)."""
+        found = {}
+        for layer in self.model.layers:
+            if layer.name not in self.activation_grids or len(layer._inbound_nodes) != 1 or layer.input.shape.rank != 4:
+                continue
+            source = producer(layer.input)
+            if is_plain_relu(source):
+                source = producer(source.input)
+            grid = self.activation_grids.get(source.name)
+            target = self.activation_grids[layer.name]
+            if grid is not None and grid.as_dict() != target.as_dict():
+                found[layer.name] = ChannelAffine.requantization(int(layer.input.shape[-1]), grid, target)
         return found
 
     def _global_means(self, consumers):
@@ -271,6 +290,8 @@ class IntegerGraph:
             if getattr(layer, "keepdims", False) or layer.input.shape.rank != 4 or None in layer.input.shape[1:3]:
                 continue
             source = producer(layer.input)
+            if is_plain_relu(source):  # a residual Add's quantized output
+                source = producer(source.input)
             users = consumers.get(id(layer.output), [])
             if source.name not in self.activation_grids or len(users) != 1 or users[0].name not in self.activation_grids:
                 continue
@@ -563,7 +584,9 @@ class IntegerGraph:
                         outputs = fake_quant(outputs, *self.points[target].window)
                 elif layer.name in self.points:
                     point = self.points[layer.name]
-                    if isinstance(point, ActivationPoint):
+                    if isinstance(point, ActivationPoint) and integer and layer.name in self.requantizations:
+                        outputs = point.integer(self.requantizations[layer.name](args[0]))  # + the code clip
+                    elif isinstance(point, ActivationPoint):
                         outputs = point.integer(args[0]) if integer else point.emulate(args[0])
                     else:
                         outputs = point(args[0], integer)

@@ -400,9 +400,9 @@ class ChannelAffine:
         self.bias = self._exact_bias()
 
     @classmethod
-    def batchnorm(cls, bn, channels, input_grid, output_grid):
-        """BN -> ReLU -> quantizer on an exact int8 input."""
-        return cls(*bn_affine(bn, channels), input_grid, output_grid, relu=True, codes=bn_gain_codes(bn))
+    def batchnorm(cls, bn, channels, input_grid, output_grid, relu=True):
+        """BN -> ReLU -> quantizer (or BN -> quantizer) on an exact int8 input."""
+        return cls(*bn_affine(bn, channels), input_grid, output_grid, relu=relu, codes=bn_gain_codes(bn))
 
     @classmethod
     def requantization(cls, channels, input_grid, output_grid):
@@ -415,11 +415,11 @@ class ChannelAffine:
         x_grid, y_grid = self.input_grid, self.output_grid
         x_real = x_codes.astype(np.float32) * np.float32(x_grid.scale)  # the input quantizer's output
         step = np.float32(y_grid.scale)
+        # (A requantization: gain 1, offset 0; the Keras quantizer divides in float32, near-ties included.)
+        gain, offset = self.gain.astype(np.float32)[:, None], self.offset.astype(np.float32)[:, None]
+        y = x_real[None, :] * gain + offset
         if self.relu:
-            gain, offset = self.gain.astype(np.float32)[:, None], self.offset.astype(np.float32)[:, None]
-            y = np.maximum(x_real[None, :] * gain + offset, np.float32(0))
-        else:  # a requantization: the Keras quantizer divides in float32, near-ties included
-            y = np.broadcast_to(x_real[None, :], (len(self.gain), len(x_real)))
+            y = np.maximum(y, np.float32(0))
         return np.rint(y / step).astype(np.float64)
 
     def _exact_bias(self):

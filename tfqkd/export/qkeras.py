@@ -193,7 +193,8 @@ def stock_qkeras_model(model, rename=None, runnable=True):
         layer = model.get_layer(entry["name"])
         quantizers = dict(layer_quantizers(layer))
         cls = type(layer).__name__
-        entry["config"].pop("midway_thresholds", None)  # the steps (and BN gains) in use are exported
+        for flag in ("midway_thresholds", "add_input"):
+            entry["config"].pop(flag, None)  # the steps (and BN gains) in use are exported
         if cls == "IntegerBatchNormalization":
             entry.pop("module", None)
             entry.pop("registered_name", None)

@@ -201,7 +201,7 @@ def to_tflite(
       ``rounded_batchnorm`` (BNs the int8 model rounds and the Keras model
       does not: train with ``integer_intermediates`` to make it exact),
       ``rounded_add_inputs`` (tensors a residual Add sums in float in the Keras model
-      and the int8 model rounds first; no policy makes them exact yet) and, with
+      and the int8 model rounds first: train with ``integer_intermediates``) and, with
       ``evaluation``, ``validation`` (see :func:`tfqkd.export.validate.validate_tflite`).
 
     Raises:

@@ -177,20 +177,45 @@ def _snap_conv_step(layer_ref, log_step):
     return tf.cast(log_span - odd_ratio(log_span - tf.cast(log_step, tf.float64), _CONV_MIN_ODD), log_step.dtype)
 
 
-def _snap_concat_step(layer_ref, log_step):
-    """The weak-referenced concat quantizer's log step with ``step / s_in`` an odd number over a power of two,
-    ``s_in`` the one learned grid among the concat's inputs (its codes are requantized), or None."""
-    layer = layer_ref()
-    concat = single_producer(layer) if layer is not None else None
-    if not isinstance(concat, keras.layers.Concatenate):
-        return None
-    grids = [q for q in (_learned_quantizer(producer(t)) for t in concat.input) if q is not None]
+def _requantized_grids(layer):
+    """The learned grids whose codes the quantizer ``layer`` requantizes: those among a Concatenate's inputs,
+    or the one learned-step QActivation it reads, straight or through a plain ReLU (a residual Add's output)."""
+    source = single_producer(layer) if layer is not None else None
+    if isinstance(source, keras.layers.Concatenate):
+        return [q for q in (_learned_quantizer(producer(t)) for t in source.input) if q is not None]
+    if is_plain_relu(source):
+        source = single_producer(source)
+    quantizer = _learned_quantizer(source)
+    return [] if quantizer is None else [quantizer]
+
+
+def _snap_requantized_step(layer_ref, log_step):
+    """The weak-referenced quantizer's log step with ``step / s_in`` an odd number over a power of two,
+    ``s_in`` the one learned grid it requantizes (:func:`_requantized_grids`), or None."""
+    grids = _requantized_grids(layer_ref())
     if len(grids) != 1:
         return None
     log_in = _log_step(grids[0])
     log_ratio = tf.cast(log_step, tf.float64) - log_in  # one input code is 1 / ratio steps
     snapped = tf.where(log_ratio > math.log(2.0), odd_ratio(log_ratio, _SPLIT_MIN_ODD), odd_ratio(log_ratio, _REQUANTIZE_MIN_ODD))
     return tf.cast(log_in + snapped, log_step.dtype)
+
+
+def _snap_add_input(layer_ref, log_step):
+    """The log step of the learned quantizer after the residual Add (and its ReLU) the weak-referenced quantizer
+    feeds, or None.
+
+    Both inputs of the Add and its sum then share one grid, and the int8 file's ADD adds their codes
+    exactly (its multipliers are powers of two), as the Keras model does. Straight-through: this
+    quantizer's own step keeps learning but is not used.
+    """
+    layer = layer_ref()
+    adds = {id(node.layer): node.layer for node in getattr(layer, "_outbound_nodes", []) if isinstance(node.layer, keras.layers.Add)}
+    if len(adds) != 1:
+        return None
+    after = _single_consumer(next(iter(adds.values())))
+    quantizer = _learned_quantizer(_single_consumer(after) if is_plain_relu(after) else after)
+    return None if quantizer is None else tf.cast(quantizer.effective_log_step(), log_step.dtype)
 
 
 def _link_snap(layer, quantizer, snap):
@@ -318,14 +343,20 @@ class QActivation(qkeras.QActivation):
         such as ``"quantized_relu(4)"``.
     """
 
-    def __init__(self, activation, midway_thresholds=False, **kwargs):
+    def __init__(self, activation, midway_thresholds=False, add_input=False, **kwargs):
         if isinstance(activation, dict):
             activation = get_quantizer(activation)
         super().__init__(activation, **kwargs)
-        # ``integer_intermediates``: after a concat, the step keeps ``step / s_in`` an odd number over a
-        # power of two for the one input on another learned grid, whose codes the int8 file requantizes.
+        # ``integer_intermediates``: after a concat or a residual Add's output, the step keeps ``step / s_in``
+        # an odd number over a power of two for the one input on another learned grid, whose codes the int8
+        # file requantizes.
         self.midway_thresholds = bool(midway_thresholds)
-        _link_snap(self, self.quantizer, _snap_concat_step)
+        # ``integer_intermediates`` on a residual Add's input: the step of the quantizer after the Add.
+        self.add_input = bool(add_input)
+        if self.add_input and isinstance(self.quantizer, LearnedStepQuantizer):
+            self.quantizer.snap = functools.partial(_snap_add_input, weakref.ref(self))
+        else:
+            _link_snap(self, self.quantizer, _snap_requantized_step)
 
     def build(self, input_shape):
         _build_quantizer(self, self.quantizer, "input", tuple(input_shape)[1:])
@@ -340,8 +371,9 @@ class QActivation(qkeras.QActivation):
         config = super().get_config()
         if not isinstance(self.activation, str):
             config["activation"] = keras.utils.serialize_keras_object(self.quantizer)
-        if self.midway_thresholds:
-            config["midway_thresholds"] = True
+        for flag in ("midway_thresholds", "add_input"):
+            if getattr(self, flag):
+                config[flag] = True
         return config
 
 
@@ -377,11 +409,12 @@ def gain_codes(ratio, split=False):
 
 
 def _learned_output_step(layer):
-    """The step tensor of the learned-step QActivation that reads ``layer``'s output through one plain ReLU, or None."""
-    relu = _single_consumer(layer)
-    if not is_plain_relu(relu):
-        return None
-    quantizer = _learned_quantizer(_single_consumer(relu))
+    """The step tensor of the learned-step QActivation that reads ``layer``'s output, through one plain ReLU
+    or straight (a residual Add's input), or None."""
+    consumer = _single_consumer(layer)
+    if is_plain_relu(consumer):
+        consumer = _single_consumer(consumer)
+    quantizer = _learned_quantizer(consumer)
     return None if quantizer is None else quantizer.step
 
 
@@ -399,8 +432,8 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
     this layer therefore rounds the offset onto that grid (at most half a unit
     away); training (batch statistics) is BatchNormalization's.
 
-    ``w`` is 127 (the finest grid), except where the BN feeds a ReLU and a
-    learned-step quantizer and ``s * |gain| / output step >= 0.5``: then ``w``
+    ``w`` is 127 (the finest grid), except where the BN feeds a learned-step
+    quantizer (through a ReLU, or straight: a residual Add's input) and ``s * |gain| / output step >= 0.5``: then ``w``
     is the largest code that keeps the runtime's multiplier ``>= 0.5``
     (:func:`gain_codes`), so TFLite's built-in kernels round once, as XNNPACK
     does, and one int32 bias gives every input code the Keras model's output
@@ -432,7 +465,7 @@ class IntegerBatchNormalization(keras.layers.BatchNormalization):
         return None if source is None else source.step
 
     def output_step(self):
-        """The step tensor of the learned-step quantizer after this layer's ReLU, or None."""
+        """The step tensor of the learned-step quantizer after this layer (and its ReLU, if any), or None."""
         return _learned_output_step(self)
 
     def _gain(self):

@@ -22,7 +22,7 @@ import numpy as np
 from tfqkd.compat import keras
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
-from tfqkd.graph import as_functional, inbound_names, producer
+from tfqkd.graph import as_functional, inbound_names, is_plain_relu, producer, single_producer, tensor_consumers
 from tfqkd.quant.layers import (
     INPUT_QUANTIZER_SUFFIX, IntegerBatchNormalization, quantized_layer_classes, weight_quantizers,
 )  # fmt: skip
@@ -214,7 +214,8 @@ def _intermediate_sources(model, specs):
     the stem or a pooling layer, and also a BN right after a conv: folding
     it would leave its offset as an int32 bias on a grid the float model
     does not share, which moves low-bit codes), and the input of every
-    GlobalAveragePooling2D. Returns ``{producer layer name: signed}`` for
+    GlobalAveragePooling2D, except a residual Add's output (straight or after a
+    ReLU), which :func:`_residual_sources` quantizes. Returns ``{producer layer name: signed}`` for
     producers with a single output, when the policy quantizes activations.
     """
     if not any(spec.activation_bits is not None for spec in specs.values()):
@@ -230,8 +231,51 @@ def _intermediate_sources(model, specs):
         source = producer(tensor)
         if isinstance(source, keras.layers.InputLayer) or len(source._inbound_nodes) != 1:
             continue
+        if isinstance(single_producer(source) if is_plain_relu(source) else source, keras.layers.Add):
+            continue  # on the Add's 8-bit grid already (_residual_sources)
         sources[source.name] = not _is_non_negative(tensor)
     return sources
+
+
+def _residual_sources(model, specs):
+    """The tensors of each residual Add, for ``integer_intermediates``: ``({producer name: signed}, add inputs)``.
+
+    An int8 runtime adds two int8 tensors and rounds the sum onto the output's
+    scale; with one scale for both inputs and the sum its ADD is exact (every
+    multiplier a power of two). So each Add's output (after its ReLU, if
+    any) and the inputs it sums get 8-bit quantizers on one grid: the
+    output's learned step, which the input quantizers (``add_input``) take.
+    An input that is another Add's output is that Add's quantizer, which
+    then takes this grid too (a chain of Adds shares the last one's).
+    """
+    if not any(spec.activation_bits is not None for spec in specs.values()):
+        return {}, set()
+    consumers = tensor_consumers(model)
+
+    def quantized_output(add):
+        # After the Add's ReLU, if it has one: the int8 ADD fuses it, and its output scale is then the
+        # quantizer's; a signed grid before the ReLU would make the converter halve it (a rounding).
+        users = consumers.get(id(add.output), [])
+        return users[0] if len(users) == 1 and is_plain_relu(users[0]) else add
+
+    sources, inputs = {}, set()
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Add) or len(layer._inbound_nodes) != 1:
+            continue
+        output = quantized_output(layer)
+        sources[output.name] = not _is_non_negative(output.output)
+        for tensor in layer.input:
+            source = producer(tensor)
+            if isinstance(source, keras.layers.InputLayer) or len(source._inbound_nodes) != 1:
+                continue
+            through = single_producer(source) if is_plain_relu(source) else source
+            if isinstance(through, keras.layers.Add):
+                if quantized_output(through) is source:
+                    inputs.add(source.name)  # a chain of Adds: one grid, the last one's
+                continue
+            sources[source.name] = not _is_non_negative(tensor)
+            inputs.add(source.name)
+    return sources, inputs
 
 
 def quantize(
@@ -295,7 +339,10 @@ def quantize(
     specs = policy.resolve(layers, warn=warn_unused_rules)
 
     integer_intermediates = integer_intermediates or policy.integer_intermediates
-    intermediates = _intermediate_sources(model, specs) if integer_intermediates else {}
+    intermediates, add_inputs = {}, set()
+    if integer_intermediates:
+        residual, add_inputs = _residual_sources(model, specs)
+        intermediates = {**_intermediate_sources(model, specs), **residual}
     batch = calibration_inputs(calibration_data)
     probe_values = {}
     intermediate_values = {}
@@ -372,7 +419,7 @@ def quantize(
         entry.pop("registered_name", None)
         new_layers.append(entry)
     if intermediates:
-        new_layers = _insert_intermediate_quantizers(new_layers, intermediates, specs)
+        new_layers = _insert_intermediate_quantizers(new_layers, intermediates, add_inputs, specs)
     config["layers"] = new_layers
     config["name"] = f"{model.name}"
 
@@ -389,13 +436,23 @@ def quantize(
         if target in probe_values:
             qmodel.get_layer(qin_name).quantizer.initialize(probe_values[target], method=init)
     for name, values in intermediate_values.items():
+        add = model.get_layer(name)
+        add = single_producer(add) if is_plain_relu(add) else add
+        if isinstance(add, keras.layers.Add) and name not in add_inputs:
+            # Its grid is its inputs' too (add_input): the range of all three tensors.
+            values = np.concatenate([values.ravel()] + [intermediate_values[producer(t).name].ravel()
+                                                        for t in add.input if producer(t).name in add_inputs])  # fmt: skip
         # Min-max (not LSQ's mean-based init): an 8-bit intermediate should not clip.
         qmodel.get_layer(name + INTERMEDIATE_QUANTIZER_SUFFIX).quantizer.initialize(values, method="minmax")
     return qmodel
 
 
-def _insert_intermediate_quantizers(layers, intermediates, specs):
-    """Puts ``<producer>_q8`` (8-bit learned step) after each producer and re-wires its consumers."""
+def _insert_intermediate_quantizers(layers, intermediates, add_inputs, specs):
+    """Puts ``<producer>_q8`` (8-bit learned step) after each producer and re-wires its consumers.
+
+    Those of ``add_inputs`` take the step of the quantizer after the residual Add they feed; a
+    quantizer reading another's codes (after a concat, or a residual Add's output) requantizes them.
+    """
     schemes = {spec.scheme for spec in specs.values()}
     scheme = schemes.pop() if len(schemes) == 1 else "lsq"
     renamed = {name: name + INTERMEDIATE_QUANTIZER_SUFFIX for name in intermediates}
@@ -424,12 +481,25 @@ def _insert_intermediate_quantizers(layers, intermediates, specs):
                         "trainable": True,
                         "dtype": entry["config"].get("dtype", "float32"),
                         "activation": keras.utils.serialize_keras_object(quantizer),
-                        "midway_thresholds": True,  # after a concat: requantized codes off the thresholds
+                        # After a concat: requantized codes off the thresholds; before an Add: its grid.
+                        ("add_input" if name in add_inputs else "midway_thresholds"): True,
                     },
                     "inbound_nodes": [[[name, 0, 0, {}]]],
                 }
             )
+    # A relu keeps its input's grid: quantizers reading inserted ones through it requantize their codes too.
+    on_grid = inserted | {
+        entry["name"] for entry in result
+        if entry["class_name"] == "ReLU" and set(inbound_names(entry)) <= inserted and _plain_relu_config(entry["config"])
+    }  # fmt: skip
+    for entry in result:
+        if entry["class_name"] == "QActivation" and entry["name"] not in inserted and {*inbound_names(entry)} and set(inbound_names(entry)) <= on_grid:
+            entry["config"]["midway_thresholds"] = True
     return result
+
+
+def _plain_relu_config(config):
+    return not (config.get("max_value") or config.get("negative_slope") or config.get("threshold"))
 
 
 def is_quantized(model):
