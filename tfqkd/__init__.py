@@ -19,7 +19,7 @@ from tfqkd import dpu  # noqa: F401  isort: skip  (registers the ``dpu`` quantiz
 from tfqkd.training import DeadRunAlarm, WarmupMultiStep, make_sgd
 
 # 0.2: learned steps are stored as log-steps (0.1 files convert in load_model).
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 #: Subpackages reachable as attributes after ``import tfqkd`` (``tfqkd.export.to_tflite``), imported
 #: on first use: the exporters, benchmarks and analyses pull in TFLite and plotting.

@@ -200,7 +200,8 @@ class QuantPolicy:
         many weight and activation bits (the common "8-bit ends" recipe).
       name: preset or file name, for display.
       integer_intermediates: also train 8-bit quantizers on the tensors a
-        full-integer runtime stores (BN and global-pool inputs), so the int8
+        full-integer runtime stores (BN and global-pool inputs, residual Adds'
+        inputs and outputs), so the int8
         TFLite export reproduces the trained model exactly
         (see :func:`tfqkd.quant.quantize`).
       target: name of a hardware target (:mod:`tfqkd.quant.targets`, e.g. ``"dpu"``) whose

@@ -308,8 +308,9 @@ def quantize(
       integer_intermediates: also quantize, at 8 bits with a learned step, the
         tensors a full-integer runtime must store at 8 bits although the
         float model keeps them in float: the input of each BatchNormalization
-        (concat, stem, pooling and conv outputs in a pre-activation DenseNet)
-        and of each global average pool. A layer
+        (concat, stem, pooling and conv outputs in a pre-activation DenseNet),
+        of each global average pool, and both inputs and the output of each
+        residual Add (on one grid, see :func:`_residual_sources`). A layer
         ``<producer>_q8`` is inserted after each such producer, so the trained
         model computes what the int8 TFLite export computes (opt-in; off by
         default).
