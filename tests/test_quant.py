@@ -901,3 +901,45 @@ def test_integer_intermediate_convs_round_no_sum_near_a_threshold(tmp_path):
     old = keras.Model.from_config(config, custom_objects=custom_objects())
     old.set_weights(model.get_weights())
     assert float(old.get_layer("l1_conv1").kernel_quantizer_internal.step.numpy()[0]) == pytest.approx(raw, rel=1e-6)
+
+
+def test_integer_intermediate_residual_adds_share_one_grid(tmp_path):
+    """``integer_intermediates`` on residual Adds: each Add's inputs and its sum (after its ReLU, else
+    straight) are on one learned 8-bit grid; in a chain of Adds (MobileNetV2's linear bottlenecks) the
+    earlier Add's output quantizer takes the later one's grid; the quantizers reading such a grid keep an
+    odd ratio to it (requantized codes off the thresholds). Saving and loading keeps the ties."""
+    layers = keras.layers
+    inputs = keras.Input((12, 12, 1), name="input")
+    stem = layers.Conv2D(8, 3, padding="same", name="stem_conv")(inputs)
+    stem = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(stem))
+    y = layers.BatchNormalization(name="b1_bn")(layers.Conv2D(8, 3, padding="same", name="b1_conv")(stem))
+    a1 = layers.Add(name="add1")([stem, y])  # linear: no ReLU after it
+    y = layers.BatchNormalization(name="b2_bn")(layers.Conv2D(8, 1, name="b2_conv")(a1))
+    a2 = layers.ReLU(name="add2_relu")(layers.Add(name="add2")([a1, y]))
+    outputs = layers.Dense(3, name="head")(layers.GlobalAveragePooling2D(name="pool")(a2))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).random((32, 12, 12, 1)).astype("float32")
+    qmodel = quantize(model, "w4a4", x, integer_intermediates=True)
+
+    def step(m, name):
+        return float(np.exp(m.get_layer(name).quantizer.effective_log_step().numpy()[0]))
+
+    grid = {"stem_relu_q8", "b1_bn_q8", "add1_q8", "b2_bn_q8", "add2_relu_q8"}
+    assert {layer.name for layer in qmodel.layers if layer.name.endswith("_q8")} >= grid
+    assert "add2_q8" not in [layer.name for layer in qmodel.layers]  # quantized after its ReLU
+    for m in (qmodel, keras.models.load_model(_saved(qmodel, tmp_path / "r.keras"), compile=False)):
+        steps = {name: step(m, name) for name in grid}
+        assert len(set(steps.values())) == 1, steps
+        assert not m.get_layer("add2_relu_q8").add_input and m.get_layer("add1_q8").add_input
+        for reader in ("b2_conv_qin", "b1_conv_qin"):  # read add1_q8's and stem_relu_q8's codes
+            ratio = step(m, reader) / steps["add1_q8"]
+            assert m.get_layer(reader).midway_thresholds
+            assert _odd_over_power_of_two(ratio) is not None, (reader, ratio)
+    from tfqkd.export import to_tflite
+
+    assert to_tflite(qmodel, tmp_path / "r.tflite", calibration_data=x)["rounded_add_inputs"] == []
+
+
+def _saved(model, path):
+    model.save(path)
+    return path
