@@ -31,6 +31,16 @@ def test_producers_and_consumers_of_a_built_model_and_of_its_config():
     assert inbound_names(next(e for e in layers_cfg if e["name"] == "add")) == ["b", "c"]
 
 
+def test_consumers_of_the_inference_graph_look_through_dropouts():
+    inputs = keras.Input((4,), name="input")
+    a = keras.layers.Dense(3, name="a")(inputs)
+    d = keras.layers.Dropout(0.5, name="d2")(keras.layers.Dropout(0.5, name="d1")(a))
+    out = keras.layers.Add(name="add")([keras.layers.ReLU(name="r")(d), a])
+    model = keras.Model(inputs, out)
+    assert sorted(layer.name for layer in tensor_consumers(model)[id(a)]) == ["add", "d1"]
+    assert sorted(layer.name for layer in tensor_consumers(model, through_identity=True)[id(a)]) == ["add", "r"]
+
+
 def test_as_functional_takes_sequential_and_refuses_what_it_cannot_rewrite():
     seq = keras.Sequential([keras.layers.Dense(2, input_shape=(3,), name="d")])
     functional = as_functional(seq, "export")

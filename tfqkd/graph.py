@@ -10,8 +10,8 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [
-    "as_functional", "config_consumers", "config_outputs", "inbound_names", "is_plain_relu", "producer",
-    "single_producer", "tensor_consumers",
+    "as_functional", "config_consumers", "config_outputs", "inbound_names", "is_inference_identity", "is_plain_relu",
+    "producer", "single_producer", "tensor_consumers",
 ]  # fmt: skip
 
 
@@ -45,6 +45,12 @@ def is_plain_relu(layer):
     return not (getattr(layer, "max_value", None) or getattr(layer, "negative_slope", 0) or getattr(layer, "threshold", 0))
 
 
+def is_inference_identity(layer):
+    """Whether ``layer`` passes its input through unchanged at inference (a Dropout): walks of the inference
+    graph look through it, as the converters drop it."""
+    return isinstance(layer, keras.layers.Dropout)
+
+
 def producer(tensor):
     """The layer whose output ``tensor`` (a KerasTensor of a built model) is."""
     return tensor._keras_history.layer
@@ -60,8 +66,11 @@ def single_producer(layer):
     return inbound[0] if len(inbound) == 1 else None
 
 
-def tensor_consumers(model):
-    """``{id(KerasTensor): [layers reading it]}`` within ``model`` (its nested models count as layers)."""
+def tensor_consumers(model, through_identity=False):
+    """``{id(KerasTensor): [layers reading it]}`` within ``model`` (its nested models count as layers).
+
+    ``through_identity``: a tensor a Dropout reads lists the Dropout's readers instead (the inference graph).
+    """
     consumers = {}
     for depth_nodes in model._nodes_by_depth.values():
         for node in depth_nodes:
@@ -69,7 +78,19 @@ def tensor_consumers(model):
                 continue
             for tensor_id in node.flat_input_ids:
                 consumers.setdefault(int(tensor_id), []).append(node.layer)
-    return consumers
+    if not through_identity:
+        return consumers
+
+    def readers(tensor_id):
+        found = []
+        for layer in consumers.get(tensor_id, []):
+            if is_inference_identity(layer) and len(layer._inbound_nodes) == 1:
+                found.extend(readers(id(layer.output)))
+            else:
+                found.append(layer)
+        return found
+
+    return {tensor_id: readers(tensor_id) for tensor_id in consumers}
 
 
 def inbound_names(entry):

@@ -146,7 +146,7 @@ class IntegerGraph:
         self.weight_grids = {}
         self._identity = set()
         self.output_ranges = {}
-        consumers = tensor_consumers(self.model)
+        consumers = tensor_consumers(self.model, through_identity=True)  # the inference graph: no Dropout
         for layer in model.layers:
             if isinstance(layer, QActivation):
                 if not isinstance(layer.quantizer, TfqkdQuantizer):

@@ -25,7 +25,7 @@ import numpy as np
 import qkeras
 
 from tfqkd.compat import keras, tf
-from tfqkd.graph import is_plain_relu, producer, single_producer
+from tfqkd.graph import is_inference_identity, is_plain_relu, producer, single_producer
 from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer, odd_ratio, odd_ratio_parts
 
 __all__ = [
@@ -125,9 +125,10 @@ def _learned_input_quantizer(layer):
 
 
 def _single_consumer(layer):
-    """The one layer reading ``layer``'s output, or None (none yet, or several)."""
+    """The one layer reading ``layer``'s output at inference (through a Dropout), or None (none yet, or several)."""
     consumers = {id(node.layer): node.layer for node in getattr(layer, "_outbound_nodes", [])}
-    return next(iter(consumers.values())) if len(consumers) == 1 else None
+    consumer = next(iter(consumers.values())) if len(consumers) == 1 else None
+    return _single_consumer(consumer) if is_inference_identity(consumer) else consumer
 
 
 def _rounding_quantizer(layer):
@@ -224,7 +225,7 @@ def _link_snap(layer, quantizer, snap):
 
 
 class _IntegerAccumulationMixin:
-    """``integer_accumulation``: at inference, the conv / dense sums integer codes, as an int8 runtime does.
+    """``integer_accumulation``: at inference, the conv / depthwise conv / dense sums integer codes, as int8 does.
 
     Set by ``quantize(..., integer_intermediates=True)``. With a learned-step input and kernel, the
     layer computes ``(sum of input code * weight code) * s_in * s_w``: the float32 sum of integer
@@ -243,7 +244,11 @@ class _IntegerAccumulationMixin:
         """``midway_thresholds``: the learned kernel step keeps ``area * s_out / (s_in * s_w)`` an odd
         number over a power of two, so every rounding threshold of the output grid lies midway between
         two reachable integer sums (``odd_ratio``); the grids are read from the graph when used."""
-        _link_snap(self, self.kernel_quantizer_internal, _snap_conv_step)
+        _link_snap(self, self._kernel_quantizer(), _snap_conv_step)
+
+    def _kernel_quantizer(self):
+        """The kernel's quantizer (a depthwise conv's depthwise kernel's)."""
+        return getattr(self, self._weight_roles[0][0])
 
     def get_config(self):
         config = super().get_config()
@@ -254,12 +259,12 @@ class _IntegerAccumulationMixin:
 
     def _integer_steps(self):
         """``(s_in, s_w)`` (float32 scalars) when this layer sums integer codes at inference, else None."""
-        if not self.integer_accumulation or not isinstance(self.kernel_quantizer_internal, LearnedStepQuantizer):
+        if not self.integer_accumulation or not isinstance(self._kernel_quantizer(), LearnedStepQuantizer):
             return None
         source = _learned_input_quantizer(self)
         if source is None:
             return None
-        return source.step[0], self.kernel_quantizer_internal.step[0]
+        return source.step[0], self._kernel_quantizer().step[0]
 
     def inference_bias(self, steps=None):
         """The bias this layer adds at inference (None without one). With ``midway_thresholds`` and integer
@@ -284,7 +289,7 @@ class _IntegerAccumulationMixin:
         if steps is None or training is None and keras.backend.learning_phase() == 1:
             return super().call(inputs)
         input_step, weight_step = (tf.cast(s, inputs.dtype) for s in steps)
-        kernel = self.kernel_quantizer_internal(self.kernel, training=False)
+        kernel = self._kernel_quantizer()(getattr(self, self._weight_roles[0][1]), training=False)
         outputs = self._linear(tf.round(inputs / input_step), tf.round(kernel / weight_step)) * (input_step * weight_step)
         if self.use_bias:
             bias = self.inference_bias(steps)
@@ -310,14 +315,20 @@ class QConv2D(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QConv2D):
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QDepthwiseConv2D")
-class QDepthwiseConv2D(_WeightQuantizedMixin, qkeras.QDepthwiseConv2D):
+class QDepthwiseConv2D(_IntegerAccumulationMixin, _WeightQuantizedMixin, qkeras.QDepthwiseConv2D):
     """``qkeras.QDepthwiseConv2D`` with tfqkd quantizer state."""
 
     _weight_roles = (("depthwise_quantizer_internal", "depthwise_kernel", "depthwise"),)
 
     def __init__(self, *args, depthwise_initializer="he_normal", depthwise_constraint=None, bias_constraint=None, **kwargs):
+        kwargs = self._pop_integer_accumulation(kwargs)
         super().__init__(*args, depthwise_initializer=depthwise_initializer, **_resolve_quantizers(kwargs))
         self._restore_float_behaviour(depthwise_initializer, depthwise_constraint, bias_constraint)
+        self._link_midway_step()
+
+    def _linear(self, x, w):
+        return keras.backend.depthwise_conv2d(x, w, strides=self.strides, padding=self.padding,
+                                              data_format=self.data_format, dilation_rate=self.dilation_rate)  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="tfqkd", name="QDense")

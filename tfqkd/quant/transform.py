@@ -412,7 +412,7 @@ def quantize(
                     }
                 )
             entry["inbound_nodes"] = [[[qin_name, 0, 0, {}]]]
-            if integer_intermediates and cls in ("Conv2D", "Dense"):
+            if integer_intermediates and cls in ("Conv2D", "DepthwiseConv2D", "Dense"):
                 layer_config["integer_accumulation"] = True  # sums codes at inference, as int8 does
                 layer_config["midway_thresholds"] = True  # no sum within float noise of a rounding threshold
         entry["class_name"] = _Q_CLASS[cls]
