@@ -535,3 +535,22 @@ def test_the_old_kind_argument_still_works_with_a_deprecation_warning(tmp_path):
     assert result["format"] == "float32" and (tmp_path / "m.tflite").stat().st_size > 0
     with pytest.raises(TfqkdError, match="unknown TFLite format 'int4'"):
         to_tflite(model, tmp_path / "n.tflite", format="int4")
+
+
+def test_a_file_xnnpack_refuses_is_one_line_naming_the_runtime(tmp_path, mnist5k):
+    """A model whose steps collapsed in training (here: one activation step set to 1e-9) needs a
+    requantization multiplier XNNPACK refuses (>= 256): validation says so in one line and names the
+    built-in kernels, which run it, instead of LiteRT's RuntimeError traceback."""
+    layers = keras.layers
+    inputs = keras.Input((28, 28, 1), name="input")
+    x = layers.ReLU(name="r1")(layers.Conv2D(4, 3, name="c1")(inputs))
+    x = layers.ReLU(name="r2")(layers.Conv2D(4, 3, name="c2")(x))
+    outputs = layers.Dense(10, name="head")(layers.GlobalAveragePooling2D(name="pool")(x))
+    model = tfqkd.quantize(keras.Model(inputs, outputs), "w8a8", mnist5k[0][:64])
+    model.get_layer("c2_qin").quantizer.log_step.assign([np.log(1e-9)])
+    model.save(tmp_path / "collapsed.h5")
+    with pytest.raises(TfqkdError, match=r"'ai-edge-litert' cannot run .*failed to prepare.*--runtimes litert-builtin"):
+        run_tflite_export(_export_args(tmp_path / "collapsed.h5", tmp_path / "out", "--format", "int8",
+                                       "--dataset", "mnist5k", "--runtimes", "litert"))  # fmt: skip
+    assert run_tflite_export(_export_args(tmp_path / "collapsed.h5", tmp_path / "out", "--format", "int8",
+                                          "--dataset", "mnist5k", "--runtimes", "litert-builtin", "--force")) == 0  # fmt: skip

@@ -172,6 +172,28 @@ print(json.dumps({"version": version, "numpy": np.__version__}))
 """
 
 
+def _run_in_process(interpreter, inputs, batch_size):
+    detail = interpreter.get_input_details()[0]
+    results, current = [], None
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        if current != len(chunk):
+            interpreter.resize_tensor_input(detail["index"], chunk.shape)
+            interpreter.allocate_tensors()
+            current = len(chunk)
+        interpreter.set_tensor(detail["index"], chunk)
+        interpreter.invoke()
+        results.append(np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])))
+    return np.concatenate(results)
+
+
+def _last_sentence(err):
+    """The runtime's own reason, without the line it repeats per delegate partition
+    ("failed to create XNNPACK runtime" once per partition, then "Node number N ... failed to prepare.")."""
+    text = str(err).replace("failed to create XNNPACK runtime", "").strip()
+    return (text or str(err)).splitlines()[-1][:300]
+
+
 def run_codes(model_path, inputs, runtime, batch_size=100):
     """Runs a .tflite on inputs already in the model's input type; returns its raw outputs.
 
@@ -187,25 +209,20 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
 
     Raises:
       RuntimeUnavailable: the runtime is not installed (here, or in the given Python).
+      TfqkdError: the runtime refuses or fails on the file (XNNPACK, for one, refuses a requantization
+        multiplier of 256 or more, which a model whose steps collapsed in training can need).
     """
     inputs = np.asarray(inputs)
     builtin = runtime.name in _BUILTIN_KERNELS
     if runtime.python is None:
         Interpreter, OpResolverType, _ = interpreter_class(runtime.name)
         options = {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if builtin else {}
-        interpreter = quiet_interpreter(Interpreter, model_path=str(model_path), **options)
-        detail = interpreter.get_input_details()[0]
-        results, current = [], None
-        for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start : start + batch_size]
-            if current != len(chunk):
-                interpreter.resize_tensor_input(detail["index"], chunk.shape)
-                interpreter.allocate_tensors()
-                current = len(chunk)
-            interpreter.set_tensor(detail["index"], chunk)
-            interpreter.invoke()
-            results.append(np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])))
-        return np.concatenate(results), {"label": runtime.label, "version": _version(runtime.name)}
+        try:
+            return _run_in_process(quiet_interpreter(Interpreter, model_path=str(model_path), **options), inputs,
+                                   batch_size), {"label": runtime.label, "version": _version(runtime.name)}  # fmt: skip
+        except (RuntimeError, ValueError) as err:
+            raise TfqkdError(f"TFLite runtime '{runtime.label}' cannot run {model_path}: {_last_sentence(err)}"
+                             + ("" if builtin else " (TFLite's built-in kernels may: --runtimes litert-builtin)")) from None  # fmt: skip
     python = Path(runtime.python)
     if not python.exists():
         raise RuntimeUnavailable(f"TFLite runtime '{runtime.name}': no Python interpreter at {python}")
