@@ -537,7 +537,7 @@ def test_the_old_kind_argument_still_works_with_a_deprecation_warning(tmp_path):
         to_tflite(model, tmp_path / "n.tflite", format="int4")
 
 
-def test_a_file_xnnpack_refuses_is_one_line_naming_the_runtime(tmp_path, mnist5k):
+def test_a_file_xnnpack_refuses_is_one_line_naming_the_runtime(tmp_path, mnist5k, capsys):
     """A model whose steps collapsed in training (here: one activation step set to 1e-9) needs a
     requantization multiplier XNNPACK refuses (>= 256): validation says so in one line and names the
     built-in kernels, which run it, instead of LiteRT's RuntimeError traceback."""
@@ -552,5 +552,9 @@ def test_a_file_xnnpack_refuses_is_one_line_naming_the_runtime(tmp_path, mnist5k
     with pytest.raises(TfqkdError, match=r"'ai-edge-litert' cannot run .*failed to prepare.*--runtimes litert-builtin"):
         run_tflite_export(_export_args(tmp_path / "collapsed.h5", tmp_path / "out", "--format", "int8",
                                        "--dataset", "mnist5k", "--runtimes", "litert"))  # fmt: skip
-    assert run_tflite_export(_export_args(tmp_path / "collapsed.h5", tmp_path / "out", "--format", "int8",
-                                          "--dataset", "mnist5k", "--runtimes", "litert-builtin", "--force")) == 0  # fmt: skip
+    assert run_tflite_export(_export_args(tmp_path / "collapsed.h5", tmp_path / "out", "--format", "int8", "--force",
+                                          "--dataset", "mnist5k", "--runtimes", "litert,litert-builtin")) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Traceback" not in printed and "ai-edge-litert built-in kernels" in printed
+    refused = [line for line in printed.splitlines() if "not run" in line]
+    assert len(refused) == 1 and "ai-edge-litert: not run (TFLite runtime 'ai-edge-litert' cannot run" in refused[0], refused

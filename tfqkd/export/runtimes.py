@@ -26,7 +26,7 @@ import numpy as np
 
 from tfqkd.errors import TfqkdError
 
-__all__ = ["RUNTIMES", "RuntimeUnavailable", "Runtime", "available", "interpreter_class", "parse_runtimes", "run_codes"]
+__all__ = ["RUNTIMES", "RuntimeRefused", "RuntimeUnavailable", "Runtime", "available", "interpreter_class", "parse_runtimes", "run_codes"]
 
 #: Runtime name -> (module with ``Interpreter``, label used in reports). First available is the default.
 RUNTIMES = {
@@ -43,6 +43,10 @@ _BUILTIN_KERNELS = ("litert-builtin",)
 
 class RuntimeUnavailable(TfqkdError):
     """A requested runtime is not installed (or its Python cannot run it)."""
+
+
+class RuntimeRefused(TfqkdError):
+    """A TFLite runtime cannot run the file (it refuses an op's parameters, or fails on it)."""
 
 
 class Runtime:
@@ -209,7 +213,7 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
 
     Raises:
       RuntimeUnavailable: the runtime is not installed (here, or in the given Python).
-      TfqkdError: the runtime refuses or fails on the file (XNNPACK, for one, refuses a requantization
+      RuntimeRefused: the runtime refuses or fails on the file (XNNPACK, for one, refuses a requantization
         multiplier of 256 or more, which a model whose steps collapsed in training can need).
     """
     inputs = np.asarray(inputs)
@@ -221,7 +225,7 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
             return _run_in_process(quiet_interpreter(Interpreter, model_path=str(model_path), **options), inputs,
                                    batch_size), {"label": runtime.label, "version": _version(runtime.name)}  # fmt: skip
         except (RuntimeError, ValueError) as err:
-            raise TfqkdError(f"TFLite runtime '{runtime.label}' cannot run {model_path}: {_last_sentence(err)}"
+            raise RuntimeRefused(f"TFLite runtime '{runtime.label}' cannot run {model_path}: {_last_sentence(err)}"
                              + ("" if builtin else " (TFLite's built-in kernels may: --runtimes litert-builtin)")) from None  # fmt: skip
     python = Path(runtime.python)
     if not python.exists():
@@ -237,6 +241,6 @@ def run_codes(model_path, inputs, runtime, batch_size=100):
             last = lines[-1] if lines else f"exit code {done.returncode}"
             if "ModuleNotFoundError" in last or "ImportError" in last:
                 raise RuntimeUnavailable(f"TFLite runtime '{runtime.name}' is not installed in {python}: {last}")
-            raise TfqkdError(f"TFLite runtime '{runtime.label}' failed on {model_path}: {last[:300]}")
+            raise RuntimeRefused(f"TFLite runtime '{runtime.label}' failed on {model_path}: {last[:300]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
         return np.load(outputs_path), {"label": runtime.label, **info}

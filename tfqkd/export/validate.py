@@ -16,7 +16,7 @@ import numpy as np
 from tfqkd import atomic
 from tfqkd.errors import TfqkdError
 from tfqkd.export.inspect import load_interpreter
-from tfqkd.export.runtimes import RuntimeUnavailable, parse_runtimes, run_codes
+from tfqkd.export.runtimes import RuntimeRefused, RuntimeUnavailable, parse_runtimes, run_codes
 
 __all__ = ["compare_logits", "dequantize_outputs", "format_report", "quantize_inputs", "run_tflite", "validate_tflite"]
 
@@ -84,8 +84,8 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
       force: overwrite an existing report (the export decided already).
       runtimes: runtimes to run the file on: a string such as ``"litert,tflite-runtime"``
         (see :func:`tfqkd.export.runtimes.parse_runtimes`), a list of ``Runtime``, or None
-        (the first installed). A requested runtime that is not installed is reported
-        under ``unavailable`` (one line each); at least one must run.
+        (the first installed). A requested runtime that is not installed, or that cannot
+        run the file, is reported under ``unavailable`` (one line each); at least one must run.
       output_step: for a float output, the step to count ``max_output_steps`` in (a
         ``logits="float"`` file: the step of the int8 logits it replaced); None: none.
 
@@ -122,7 +122,7 @@ def validate_tflite(model_path, keras_model, evaluation, *, report_path=None, fo
         start = time.time()
         try:
             values, info = run_codes(model_path, codes, runtime)
-        except RuntimeUnavailable as err:
+        except (RuntimeUnavailable, RuntimeRefused) as err:
             unavailable[runtime.label] = str(err)
             continue
         seconds = time.time() - start
