@@ -177,6 +177,7 @@ print(json.dumps({"version": version, "numpy": np.__version__}))
 
 
 def _run_in_process(interpreter, inputs, batch_size):
+    """The outputs of ``interpreter`` on ``inputs``, ``batch_size`` at a time."""
     detail = interpreter.get_input_details()[0]
     results, current = [], None
     for start in range(0, len(inputs), batch_size):
