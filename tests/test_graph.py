@@ -6,7 +6,10 @@ import pytest
 from tfqkd.compat import keras, tf
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
-from tfqkd.graph import as_functional, config_consumers, inbound_names, producer, single_producer, tensor_consumers
+from tfqkd.graph import (
+    as_functional, config_consumers, grid_source, inbound_names, keeps_grid_config, producer, single_producer,
+    tensor_consumers,
+)  # fmt: skip
 
 
 def _diamond():
@@ -39,6 +42,10 @@ def test_consumers_of_the_inference_graph_look_through_dropouts():
     model = keras.Model(inputs, out)
     assert sorted(layer.name for layer in tensor_consumers(model)[id(a)]) == ["add", "d1"]
     assert sorted(layer.name for layer in tensor_consumers(model, through_identity=True)[id(a)]) == ["add", "r"]
+    # The grid a value is on: back through plain ReLUs and Dropouts, in the model and in its config.
+    assert grid_source(model.get_layer("r")).name == "a" and grid_source(model.get_layer("add")).name == "add"
+    keeping = {e["name"] for e in model.get_config()["layers"] if keeps_grid_config(e)}
+    assert keeping == {"d1", "d2", "r"}
 
 
 def test_as_functional_takes_sequential_and_refuses_what_it_cannot_rewrite():

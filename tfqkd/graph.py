@@ -10,8 +10,8 @@ from tfqkd.compat import keras
 from tfqkd.errors import TfqkdError
 
 __all__ = [
-    "as_functional", "config_consumers", "config_outputs", "inbound_names", "is_inference_identity", "is_plain_relu",
-    "producer", "single_producer", "tensor_consumers",
+    "as_functional", "config_consumers", "config_outputs", "grid_source", "inbound_names", "is_inference_identity",
+    "is_plain_relu", "keeps_grid", "keeps_grid_config", "producer", "single_producer", "tensor_consumers",
 ]  # fmt: skip
 
 
@@ -37,18 +37,44 @@ def as_functional(model, what="quantize()"):
     return model
 
 
+def _plain_relu_settings(get):
+    return not (get("max_value") or get("negative_slope") or get("threshold"))
+
+
 def is_plain_relu(layer):
     """Whether ``layer`` is a ReLU layer with no cap, slope or threshold (a pass may look through it: it keeps
     every grid, and int8 lowers it as a clamp at the zero point)."""
-    if type(layer).__name__ != "ReLU":
-        return False
-    return not (getattr(layer, "max_value", None) or getattr(layer, "negative_slope", 0) or getattr(layer, "threshold", 0))
+    return type(layer).__name__ == "ReLU" and _plain_relu_settings(lambda key: getattr(layer, key, None))
 
 
 def is_inference_identity(layer):
     """Whether ``layer`` passes its input through unchanged at inference (a Dropout): walks of the inference
     graph look through it, as the converters drop it."""
     return isinstance(layer, keras.layers.Dropout)
+
+
+#: Config class names of :func:`is_inference_identity` layers (Keras' Dropout and its subclasses).
+_IDENTITY_CLASSES = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D")
+
+
+def keeps_grid(layer):
+    """Whether every value ``layer`` outputs is on its input's grid (a plain ReLU, a Dropout)."""
+    return is_plain_relu(layer) or is_inference_identity(layer)
+
+
+def keeps_grid_config(entry):
+    """:func:`keeps_grid` for one layer entry of a functional model's config."""
+    if entry["class_name"] == "ReLU":
+        return _plain_relu_settings(entry["config"].get)
+    return entry["class_name"] in _IDENTITY_CLASSES
+
+
+def grid_source(layer):
+    """The layer whose output grid ``layer``'s output is on: ``layer`` itself, or the first layer before it
+    that is not a plain ReLU or a Dropout (None at a layer with several inputs or none)."""
+    while layer is not None and keeps_grid(layer):
+        layer = single_producer(layer)
+    return layer
 
 
 def producer(tensor):

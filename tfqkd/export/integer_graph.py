@@ -69,7 +69,7 @@ from tfqkd.export.integer_points import (
     OUTPUT_MARGIN, ActivationPoint, ChannelAffine, GlobalMean, WeightedPoint, activation_grid, batchnorm_as_depthwise, bn_affine,
     channels_last, constant_pool, fake_quant, threshold_counts, weight_codes,
 )  # fmt: skip
-from tfqkd.graph import as_functional, is_plain_relu, producer, tensor_consumers
+from tfqkd.graph import as_functional, grid_source, is_plain_relu, producer, tensor_consumers
 from tfqkd.io import UNSAFE_LAYER_TYPES
 from tfqkd.quant.grid import Grid
 from tfqkd.quant.layers import QActivation, QConv2D, QDense, QDepthwiseConv2D
@@ -264,17 +264,15 @@ class IntegerGraph:
         return found
 
     def _requantizations(self):
-        """Activation quantizers reading another trained grid, straight or through a ReLU (after a
-        residual Add, ``integer_intermediates``): ``{quantizer name: ChannelAffine}``, exact where
+        """Activation quantizers reading another trained grid, straight or through plain ReLUs and
+        Dropouts (after a residual Add, ``integer_intermediates``): ``{quantizer name: ChannelAffine}``, exact where
         the converter's QUANTIZE is not (see :class:`ChannelAffine`)."""
         found = {}
         for layer in self.model.layers:
             if layer.name not in self.activation_grids or len(layer._inbound_nodes) != 1 or layer.input.shape.rank != 4:
                 continue
-            source = producer(layer.input)
-            if is_plain_relu(source):
-                source = producer(source.input)
-            grid = self.activation_grids.get(source.name)
+            source = grid_source(producer(layer.input))
+            grid = self.activation_grids.get(getattr(source, "name", None))
             target = self.activation_grids[layer.name]
             if grid is not None and grid.as_dict() != target.as_dict():
                 found[layer.name] = ChannelAffine.requantization(int(layer.input.shape[-1]), grid, target)
@@ -289,11 +287,9 @@ class IntegerGraph:
                 continue
             if getattr(layer, "keepdims", False) or layer.input.shape.rank != 4 or None in layer.input.shape[1:3]:
                 continue
-            source = producer(layer.input)
-            if is_plain_relu(source):  # a residual Add's quantized output
-                source = producer(source.input)
+            source = grid_source(producer(layer.input))  # after a ReLU: a residual Add's quantized output
             users = consumers.get(id(layer.output), [])
-            if source.name not in self.activation_grids or len(users) != 1 or users[0].name not in self.activation_grids:
+            if getattr(source, "name", None) not in self.activation_grids or len(users) != 1 or users[0].name not in self.activation_grids:
                 continue
             found[layer.name] = GlobalMean(
                 layer.input.shape[1:3], self.activation_grids[source.name], self.activation_grids[users[0].name]
@@ -584,9 +580,9 @@ class IntegerGraph:
                         outputs = fake_quant(outputs, *self.points[target].window)
                 elif layer.name in self.points:
                     point = self.points[layer.name]
-                    if isinstance(point, ActivationPoint) and integer and layer.name in self.requantizations:
-                        outputs = point.integer(self.requantizations[layer.name](args[0]))  # + the code clip
-                    elif isinstance(point, ActivationPoint):
+                    if isinstance(point, ActivationPoint):
+                        if integer and layer.name in self.requantizations:
+                            args = (self.requantizations[layer.name](args[0]), *args[1:])  # then the code clip
                         outputs = point.integer(args[0]) if integer else point.emulate(args[0])
                     else:
                         outputs = point(args[0], integer)

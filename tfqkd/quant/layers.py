@@ -25,7 +25,7 @@ import numpy as np
 import qkeras
 
 from tfqkd.compat import keras, tf
-from tfqkd.graph import is_inference_identity, is_plain_relu, producer, single_producer
+from tfqkd.graph import grid_source, is_inference_identity, is_plain_relu, producer, single_producer
 from tfqkd.quant.quantizers import LearnedStepQuantizer, TfqkdQuantizer, get_quantizer, odd_ratio, odd_ratio_parts
 
 __all__ = [
@@ -131,6 +131,12 @@ def _single_consumer(layer):
     return _single_consumer(consumer) if is_inference_identity(consumer) else consumer
 
 
+def _reader_after_relu(layer):
+    """:func:`_single_consumer` of ``layer``, or of the plain ReLU that is it."""
+    consumer = _single_consumer(layer)
+    return _single_consumer(consumer) if is_plain_relu(consumer) else consumer
+
+
 def _rounding_quantizer(layer):
     """``(quantizer, area)``: the learned-step QActivation that rounds ``layer``'s output, straight or
     through a plain ReLU, a Concatenate or a non-overlapping average pool of ``area`` values; or None."""
@@ -180,13 +186,11 @@ def _snap_conv_step(layer_ref, log_step):
 
 def _requantized_grids(layer):
     """The learned grids whose codes the quantizer ``layer`` requantizes: those among a Concatenate's inputs,
-    or the one learned-step QActivation it reads, straight or through a plain ReLU (a residual Add's output)."""
+    or the one learned-step QActivation it reads, straight or through plain ReLUs (a residual Add's output)."""
     source = single_producer(layer) if layer is not None else None
     if isinstance(source, keras.layers.Concatenate):
         return [q for q in (_learned_quantizer(producer(t)) for t in source.input) if q is not None]
-    if is_plain_relu(source):
-        source = single_producer(source)
-    quantizer = _learned_quantizer(source)
+    quantizer = _learned_quantizer(grid_source(source))
     return [] if quantizer is None else [quantizer]
 
 
@@ -214,8 +218,7 @@ def _snap_add_input(layer_ref, log_step):
     adds = {id(node.layer): node.layer for node in getattr(layer, "_outbound_nodes", []) if isinstance(node.layer, keras.layers.Add)}
     if len(adds) != 1:
         return None
-    after = _single_consumer(next(iter(adds.values())))
-    quantizer = _learned_quantizer(_single_consumer(after) if is_plain_relu(after) else after)
+    quantizer = _learned_quantizer(_reader_after_relu(next(iter(adds.values()))))
     return None if quantizer is None else tf.cast(quantizer.effective_log_step(), log_step.dtype)
 
 
@@ -422,10 +425,7 @@ def gain_codes(ratio, split=False):
 def _learned_output_step(layer):
     """The step tensor of the learned-step QActivation that reads ``layer``'s output, through one plain ReLU
     or straight (a residual Add's input), or None."""
-    consumer = _single_consumer(layer)
-    if is_plain_relu(consumer):
-        consumer = _single_consumer(consumer)
-    quantizer = _learned_quantizer(consumer)
+    quantizer = _learned_quantizer(_reader_after_relu(layer))
     return None if quantizer is None else quantizer.step
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from tfqkd.compat import keras
 from tfqkd.data.examples import calibration_inputs
 from tfqkd.errors import TfqkdError
-from tfqkd.graph import as_functional, inbound_names, is_plain_relu, producer, single_producer, tensor_consumers
+from tfqkd.graph import as_functional, grid_source, inbound_names, is_plain_relu, keeps_grid_config, producer, tensor_consumers
 from tfqkd.quant.layers import (
     INPUT_QUANTIZER_SUFFIX, IntegerBatchNormalization, quantized_layer_classes, weight_quantizers,
 )  # fmt: skip
@@ -231,7 +231,7 @@ def _intermediate_sources(model, specs):
         source = producer(tensor)
         if isinstance(source, keras.layers.InputLayer) or len(source._inbound_nodes) != 1:
             continue
-        if isinstance(single_producer(source) if is_plain_relu(source) else source, keras.layers.Add):
+        if isinstance(grid_source(source), keras.layers.Add):
             continue  # on the Add's 8-bit grid already (_residual_sources)
         sources[source.name] = not _is_non_negative(tensor)
     return sources
@@ -268,7 +268,7 @@ def _residual_sources(model, specs):
             source = producer(tensor)
             if isinstance(source, keras.layers.InputLayer) or len(source._inbound_nodes) != 1:
                 continue
-            through = single_producer(source) if is_plain_relu(source) else source
+            through = grid_source(source)
             if isinstance(through, keras.layers.Add):
                 if quantized_output(through) is source:
                     inputs.add(source.name)  # a chain of Adds: one grid, the last one's
@@ -437,8 +437,7 @@ def quantize(
         if target in probe_values:
             qmodel.get_layer(qin_name).quantizer.initialize(probe_values[target], method=init)
     for name, values in intermediate_values.items():
-        add = model.get_layer(name)
-        add = single_producer(add) if is_plain_relu(add) else add
+        add = grid_source(model.get_layer(name))
         if isinstance(add, keras.layers.Add) and name not in add_inputs:
             # Its grid is its inputs' too (add_input): the range of all three tensors.
             values = np.concatenate([values.ravel()] + [intermediate_values[producer(t).name].ravel()
@@ -488,19 +487,18 @@ def _insert_intermediate_quantizers(layers, intermediates, add_inputs, specs):
                     "inbound_nodes": [[[name, 0, 0, {}]]],
                 }
             )
-    # A relu keeps its input's grid: quantizers reading inserted ones through it requantize their codes too.
-    on_grid = inserted | {
-        entry["name"] for entry in result
-        if entry["class_name"] == "ReLU" and set(inbound_names(entry)) <= inserted and _plain_relu_config(entry["config"])
-    }  # fmt: skip
+    # Quantizers reading an inserted one's codes (through plain ReLUs and Dropouts, which keep its grid)
+    # requantize them. The config lists layers in graph order, so one pass finds them.
+    on_grid = set(inserted)
     for entry in result:
-        if entry["class_name"] == "QActivation" and entry["name"] not in inserted and {*inbound_names(entry)} and set(inbound_names(entry)) <= on_grid:
+        sources = set(inbound_names(entry))
+        if not sources or not sources <= on_grid:
+            continue
+        if entry["class_name"] == "QActivation" and entry["name"] not in inserted:
             entry["config"]["midway_thresholds"] = True
+        elif keeps_grid_config(entry):
+            on_grid.add(entry["name"])
     return result
-
-
-def _plain_relu_config(config):
-    return not (config.get("max_value") or config.get("negative_slope") or config.get("threshold"))
 
 
 def is_quantized(model):
